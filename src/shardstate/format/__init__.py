@@ -1,0 +1,1 @@
+"""On-disk things, no torch.distributed: safetensors headers, checkpoint directories."""

@@ -1,0 +1,83 @@
+"""A Hugging Face checkpoint directory: config.json plus one or many *.safetensors files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardstate.errors import ShardstateError
+from shardstate.format.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    file: Path
+    entry: TensorEntry
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every tensor of a checkpoint and the file that holds it; files in name order."""
+
+    root: Path
+    headers: tuple[SafetensorsHeader, ...]
+    tensors: dict[str, TensorLocation]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(h.path.stat().st_size for h in self.headers)
+
+
+def find_weight_files(root: Path) -> list[Path]:
+    """The checkpoint's safetensors files: from the index when there is one, else every *.safetensors."""
+    if not root.is_dir():
+        raise ShardstateError("not a directory", root, "pass a Hugging Face model directory")
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ShardstateError(
+                "invalid index (no weight_map object)", index_path, "re-create the checkpoint index"
+            ) from None
+        files = []
+        for name in names:
+            file = root / name
+            if Path(name).name != name or not file.is_file():
+                raise ShardstateError(
+                    f"index names '{name}', which is not a file of the checkpoint", index_path,
+                    "restore the missing file or re-create the index",
+                )
+            files.append(file)
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ShardstateError(
+            f"only pickle weights ({', '.join(pickled)}); shardstate never unpickles", root,
+            "convert them to safetensors first (transformers: save_pretrained(..., safe_serialization=True))",
+        )
+    raise ShardstateError("no *.safetensors weight files", root, "pass a Hugging Face model directory")
+
+
+def open_checkpoint(root: str | Path) -> Checkpoint:
+    """Read and validate every header; a tensor present in two files is refused."""
+    root = Path(root)
+    headers = tuple(read_header(f) for f in find_weight_files(root))
+    tensors: dict[str, TensorLocation] = {}
+    for header in headers:
+        for name, entry in header.tensors.items():
+            if name in tensors:
+                raise ShardstateError(
+                    f"tensor '{name}' appears twice (also in {tensors[name].file.name})", header.path,
+                    "remove the duplicate file",
+                )
+            tensors[name] = TensorLocation(header.path, entry)
+    return Checkpoint(root, headers, tensors)

@@ -1,0 +1,137 @@
+"""Read and validate a safetensors header without trusting it.
+
+Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data section. Each JSON
+entry gives dtype, shape and [begin, end) byte offsets relative to the data section; `__metadata__`
+holds string-to-string metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shardstate.errors import ShardstateError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie in its file (offsets absolute, from the start of the file)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    data_start: int  # 8 + header length: also what reading the header costs
+    tensors: dict[str, TensorEntry]  # in file order
+    metadata: dict[str, str]
+
+
+def _bad(path: Path, what: str) -> ShardstateError:
+    return ShardstateError(f"invalid safetensors file ({what})", path, "re-create or re-download this file")
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of `path`; raise ShardstateError naming the file on any defect."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _bad(path, "shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise _bad(path, f"header length {length} over the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + length > file_size:
+                raise _bad(path, f"header length {length} runs past the end of the file")
+            raw = f.read(length)
+    except OSError as exc:
+        raise ShardstateError(f"cannot read ({exc.strerror})", path, "check the path and permissions") from None
+    try:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise _bad(path, f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise _bad(path, "header is not a JSON object")
+    data_start = 8 + length
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad(path, "__metadata__ is not a string-to-string object")
+    entries = [_entry(path, name, info, data_start) for name, info in parsed.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    cursor = data_start
+    for entry in entries:
+        if entry.begin != cursor:
+            kind = "overlapping" if entry.begin < cursor else "a hole before"
+            raise _bad(path, f"{kind} byte range of tensor '{entry.name}'")
+        cursor = entry.end
+    if cursor != file_size:
+        raise _bad(path, f"data section ends at byte {cursor} but the file has {file_size} bytes")
+    return SafetensorsHeader(path, data_start, {e.name: e for e in entries}, metadata)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise _bad(path, f"entry '{name}' is not an object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype_name not in DTYPES:
+        raise _bad(path, f"tensor '{name}' has unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _bad(path, f"tensor '{name}' has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _bad(path, f"tensor '{name}' has invalid data_offsets {offsets!r}")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise _bad(path, f"tensor '{name}' spans {offsets[1] - offsets[0]} bytes, its shape needs {expected}")
+    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])

@@ -1,0 +1,1 @@
+"""Readers that put file bytes straight into preallocated memory and count what they read."""

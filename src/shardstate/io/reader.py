@@ -1,0 +1,71 @@
+"""pread-based reading into preallocated tensors, with an account of files opened and bytes read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from shardstate.errors import ShardstateError
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU tensor's bytes (any dtype, bf16 included)."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("byte_view needs a contiguous CPU tensor (a copy would swallow the reads)")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class ReadAccount:
+    """Open files once, pread into caller memory, and count files and bytes for the load report."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self.files: list[str] = []  # every file opened, in order
+        self.bytes_read = 0
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise ShardstateError(f"cannot open ({exc.strerror})", path, "check the file exists") from None
+            self._fds[path] = fd
+            self.files.append(str(path))
+        return fd
+
+    def note_header(self, path: Path, nbytes: int) -> None:
+        """Count a header read elsewhere (format.read_header) against this file."""
+        self._fd(path)
+        self.bytes_read += nbytes
+
+    def read_into(self, path: Path, offset: int, dest: memoryview) -> None:
+        """Fill `dest` from `path` at `offset` exactly; a short file is an error, not zeros."""
+        fd = self._fd(path)
+        done = 0
+        while done < len(dest):
+            n = os.preadv(fd, [dest[done:]], offset + done)
+            if n == 0:
+                raise ShardstateError(
+                    f"file ends before byte {offset + len(dest)}", path, "the file is truncated: re-create it"
+                )
+            done += n
+        self.bytes_read += done
+
+    def read_tensor(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype)
+        self.read_into(path, offset, byte_view(tensor))
+        return tensor
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ReadAccount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

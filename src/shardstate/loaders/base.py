@@ -1,0 +1,89 @@
+"""What every loader shares: the rank's target parameters, the checks of a checkpoint against the
+specs before any weight is read, and the load report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shardstate.errors import ShardstateError
+from shardstate.format.checkpoint import Checkpoint, open_checkpoint
+from shardstate.io.reader import ReadAccount
+from shardstate.spec import Copy, ShardSpec
+
+# Tensors some checkpoints carry that the model recomputes or shares; read by `default`, never used.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    rank: int
+    seconds: float
+    bytes_read: int
+    files: list[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """The rank's parameters (materialised, uninitialised) and the specs that say how to fill them."""
+
+    rank: int
+    params: dict[str, torch.Tensor]
+    specs: dict[str, ShardSpec]
+
+    @classmethod
+    def of(cls, model: nn.Module, rank: int) -> LoadTarget:
+        specs = model.shard_specs()
+        return cls(rank, {n: p.data for n, p in model.named_parameters()}, specs)
+
+    def copies(self) -> list[tuple[torch.Tensor, Copy]]:
+        """Every (destination rows, copy) pair; rows left uncovered (vocab padding) are zeroed here."""
+        result = []
+        for name, spec in self.specs.items():
+            param = self.params[name]
+            if not spec.covers_all_rows(self.rank):
+                param.zero_()
+            result.extend((param.narrow(0, c.dst_row, c.rows), c) for c in spec.copies(self.rank))
+        return result
+
+
+def open_checked(target: LoadTarget, model_dir: Path, account: ReadAccount) -> Checkpoint:
+    """Open the checkpoint and refuse it, naming file and tensor, unless it has exactly the tensors the
+    specs need with exactly the shapes they need (extra tensors only from IGNORED_SUFFIXES or a tied head)."""
+    checkpoint = open_checkpoint(model_dir)
+    for header in checkpoint.headers:
+        account.note_header(header.path, header.data_start)
+    needed = {p.source: p.shape for s in target.specs.values() for p in s.parts}
+    for source, shape in needed.items():
+        location = checkpoint.tensors.get(source)
+        if location is None:
+            files = ", ".join(h.path.name for h in checkpoint.headers)
+            raise ShardstateError(
+                f"tensor '{source}' is missing (files: {files})", model_dir,
+                "the weights do not match config.json; re-create the checkpoint",
+            )
+        entry = location.entry
+        if entry.shape != shape:
+            raise ShardstateError(
+                f"tensor '{source}' has shape {list(entry.shape)} but config.json implies {list(shape)}",
+                location.file, "the weights do not match config.json; fix one of them",
+            )
+        if not entry.dtype.is_floating_point:
+            raise ShardstateError(
+                f"tensor '{source}' has dtype {entry.dtype}, not a float", location.file,
+                "quantized checkpoints are not supported yet",
+            )
+    tied_head = "lm_head.weight" if "lm_head.weight" not in needed else None
+    for name, location in checkpoint.tensors.items():
+        if name not in needed and name != tied_head and not name.endswith(IGNORED_SUFFIXES):
+            raise ShardstateError(
+                f"unexpected tensor '{name}'", location.file,
+                "the weights do not match config.json's architecture; check the checkpoint",
+            )
+    return checkpoint

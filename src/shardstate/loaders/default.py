@@ -1,0 +1,23 @@
+"""`default`: every rank reads every tensor of every file and slices out its part (vLLM's way today;
+the baseline the other loaders are measured against)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shardstate.io.reader import ReadAccount
+from shardstate.loaders.base import LoadTarget, open_checked
+
+
+def load_default(target: LoadTarget, model_dir: Path) -> ReadAccount:
+    with ReadAccount() as account:
+        checkpoint = open_checked(target, model_dir, account)
+        by_source: dict[str, list] = {}
+        for dest, copy in target.copies():
+            by_source.setdefault(copy.source, []).append((dest, copy))
+        for header in checkpoint.headers:
+            for name, entry in header.tensors.items():
+                whole = account.read_tensor(header.path, entry.begin, entry.dtype, entry.shape)
+                for dest, copy in by_source.get(name, []):
+                    dest.copy_(whole.narrow(copy.dim, copy.start, copy.stop - copy.start))
+    return account

@@ -1,0 +1,32 @@
+"""`sliced`: each rank reads only the byte ranges of its own slices from the HF safetensors files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shardstate.io.reader import ReadAccount, byte_view
+from shardstate.loaders.base import LoadTarget, open_checked
+from shardstate.spec import byte_runs
+
+
+def load_sliced(target: LoadTarget, model_dir: Path) -> ReadAccount:
+    with ReadAccount() as account:
+        checkpoint = open_checked(target, model_dir, account)
+        plan = [(checkpoint.tensors[copy.source], dest, copy) for dest, copy in target.copies()]
+        plan.sort(key=lambda item: (str(item[0].file), item[0].entry.begin + item[2].start))
+        for location, dest, copy in plan:
+            entry = location.entry
+            shape = list(entry.shape)
+            shape[copy.dim] = copy.stop - copy.start
+            # Same dtype: read straight into the parameter; else read, then cast once.
+            staging = dest if entry.dtype == dest.dtype else torch.empty(shape, dtype=entry.dtype)
+            memory = byte_view(staging)
+            filled = 0
+            for offset, length in byte_runs(entry.shape, entry.dtype.itemsize, copy.dim, copy.start, copy.stop):
+                account.read_into(location.file, entry.begin + offset, memory[filled : filled + length])
+                filled += length
+            if staging is not dest:
+                dest.copy_(staging)
+    return account

@@ -1,0 +1,1 @@
+"""The TP inference runtime: process groups, parallel layers, workers, greedy generation, LLM."""

@@ -1,0 +1,66 @@
+"""Process-group setup and the few collectives the parallel layers use."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in the tensor-parallel group (the default process group when size > 1)."""
+
+    rank: int
+    size: int
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        tensor = tensor.contiguous()
+        pieces = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(pieces, tensor)
+        return torch.cat(pieces, dim=-1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def device_for(local_rank: int) -> torch.device:
+    """NCCL and one GPU per rank when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_group(rank: int, size: int, init_method: str | None = None, timeout_s: float = 300) -> TPGroup:
+    """Join the TP group. `init_method` None means torchrun's env:// (MASTER_ADDR/MASTER_PORT)."""
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device_for(int(os.environ.get("LOCAL_RANK", rank))))
+        dist.init_process_group(
+            backend, init_method=init_method or "env://", rank=rank, world_size=size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return TPGroup(rank, size)
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun, else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = int(os.environ["RANK"])
+        return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
+    return None

@@ -1,0 +1,160 @@
+"""LLM: start TP worker processes for a model, load it, generate greedily, report each rank's load."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shardstate.config import load_config
+from shardstate.errors import ShardstateError
+from shardstate.loaders import LOADERS, LoadReport
+from shardstate.runtime.distributed import free_port
+from shardstate.runtime.worker import WorkerArgs, worker_main
+from shardstate.tokenizer import Tokenizer
+
+
+@dataclass
+class Output:
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated
+    text: str | None  # decoded generated text when the model has a tokenizer
+    logits: torch.Tensor  # fp32 [vocab]: next-token logits after the prompt
+
+
+class LLM:
+    """`LLM(model_dir, tensor_parallel_size=2, load_format="sliced")` spawns one process per rank
+    (gloo on CPU, NCCL with CUDA), loads the weights there and keeps the workers until `close()`."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        tensor_parallel_size: int = 1,
+        load_format: str = "default",
+        dtype: str | None = None,
+    ):
+        self.model_dir = Path(model)
+        self.config = load_config(self.model_dir)
+        self.config.check_tp_size(tensor_parallel_size)
+        if load_format not in LOADERS:
+            raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOADERS)}")
+        self.tp_size = tensor_parallel_size
+        self._tokenizer: Tokenizer | None = None
+        args = WorkerArgs(str(self.model_dir), tensor_parallel_size, load_format, dtype)
+        context = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
+        self._conns = []
+        self._procs = []
+        for rank in range(tensor_parallel_size):
+            parent, child = context.Pipe()
+            proc = context.Process(
+                target=worker_main, args=(child, rank, tensor_parallel_size, init_method, args, threads), daemon=True
+            )
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self.load_reports: list[LoadReport] = self._collect()
+
+    # -- talking to workers -------------------------------------------------------------------------
+    def _collect(self) -> list[Any]:
+        """One reply per rank. The first error or dead worker stops every worker and is raised."""
+        replies: dict[int, Any] = {}
+        while len(replies) < self.tp_size:
+            waiting = {c: r for r, c in enumerate(self._conns) if r not in replies}
+            sentinels = {self._procs[r].sentinel: r for r in waiting.values()}
+            for ready in wait([*waiting, *sentinels]):
+                if ready in waiting:
+                    try:
+                        status, payload = ready.recv()
+                    except EOFError:
+                        status, payload = "error", None
+                    rank = waiting[ready]
+                else:
+                    rank, status, payload = sentinels[ready], "error", None
+                if status != "ok":
+                    self.close(graceful=False)  # peers may be blocked in a collective with the failed rank
+                    if payload is None:
+                        payload = f"worker rank {rank} died (exit code {self._procs[rank].exitcode})"
+                    raise ShardstateError(payload)
+                replies[rank] = payload
+        return [replies[r] for r in range(self.tp_size)]
+
+    def _call(self, command: str, **kwargs: Any) -> list[Any]:
+        if not self._conns:
+            raise ShardstateError("this LLM is closed", None, "create a new LLM")
+        for conn in self._conns:
+            conn.send((command, kwargs))
+        return self._collect()
+
+    # -- public API ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.model_dir)
+        return self._tokenizer
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int = 16,
+        ignore_eos: bool = False,
+    ) -> list[Output]:
+        """Greedy continuation of each prompt (text, or token ids), as one batch."""
+        if not prompts:
+            return []
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for prompt, token_ids in zip(prompts, ids, strict=False):
+            if not token_ids:
+                raise ShardstateError(f"prompt {prompt!r} has no tokens", None, "give a non-empty prompt")
+            bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ShardstateError(
+                    f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})", None,
+                    "pass ids the model knows",
+                )
+        if max_new_tokens < 0:
+            raise ShardstateError(f"max_new_tokens={max_new_tokens} is negative", None, "pass 0 or more")
+        eos = () if ignore_eos else self.config.eos_token_ids
+        generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos)[0]
+        has_text = (self.model_dir / "tokenizer.json").is_file()
+        return [
+            Output(prompt, out, self.tokenizer.decode(out) if has_text else None, generation.first_logits[row])
+            for row, (prompt, out) in enumerate(zip(ids, generation.token_ids, strict=False))
+        ]
+
+    def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's parameters by vLLM name (copies), for checks across load paths."""
+        return self._call("state_dict")
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers: ask them to leave (graceful) or kill them at once."""
+        for conn in self._conns if graceful else ():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send(("close", {}))
+        for proc in self._procs:
+            proc.join(timeout=10 if graceful else 0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs = [], []
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_procs", None):
+            self.close()

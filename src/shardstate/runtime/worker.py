@@ -1,0 +1,92 @@
+"""One TP rank: build the model on meta, materialise, load, then serve commands (spawned) or run once
+(torchrun)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shardstate.config import ModelConfig, load_config, parse_dtype
+from shardstate.errors import ShardstateError
+from shardstate.format.checkpoint import open_checkpoint
+from shardstate.loaders import load_weights
+from shardstate.models import build_on_meta
+from shardstate.runtime.distributed import TPGroup, device_for, init_group
+from shardstate.runtime.generate import Generation, greedy_generate
+from shardstate.runtime.layers import materialize
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    model_dir: str
+    tp_size: int
+    load_format: str
+    dtype: str | None  # None: config.json's dtype, else the checkpoint's
+
+
+def resolve_dtype(requested: str | None, config: ModelConfig, model_dir: str | Path) -> torch.dtype:
+    if requested and requested != "auto":
+        return parse_dtype(requested)
+    if config.dtype is not None:
+        return config.dtype
+    for header in open_checkpoint(model_dir).headers:
+        for entry in header.tensors.values():
+            if entry.dtype.is_floating_point:
+                return entry.dtype
+    return torch.float32
+
+
+class Worker:
+    def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int):
+        config = load_config(args.model_dir)
+        dtype = resolve_dtype(args.dtype, config, args.model_dir)
+        self.model = build_on_meta(config, group, dtype)
+        materialize(self.model, torch.device("cpu"))
+        self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank)
+        device = device_for(local_rank)
+        if device.type != "cpu":
+            self.model.to(device)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
+        return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters()}
+
+
+def describe(exc: BaseException, rank: int) -> str:
+    """One line for the driver: bad input as it is; anything else as an internal error on this rank."""
+    if isinstance(exc, ShardstateError):
+        return str(exc)
+    if os.environ.get("SHARDSTATE_DEBUG"):
+        traceback.print_exc()
+    return f"internal error on rank {rank}: {type(exc).__name__}: {exc} (SHARDSTATE_DEBUG=1 shows the traceback)"
+
+
+def worker_main(conn: Connection, rank: int, size: int, init_method: str, args: WorkerArgs, threads: int) -> None:
+    """Entry point of a spawned worker: reply ('ok', LoadReport) after loading, then serve commands."""
+    torch.set_num_threads(threads)
+    try:
+        group = init_group(rank, size, init_method)
+        worker = Worker(args, group, rank)
+        conn.send(("ok", worker.load_report))
+        while True:
+            command, kwargs = conn.recv()
+            if command == "close":
+                break
+            conn.send(("ok", getattr(worker, command)(**kwargs)))
+    except (EOFError, KeyboardInterrupt):
+        pass  # the driver went away
+    except Exception as exc:
+        conn.send(("error", describe(exc, rank)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+

@@ -1,0 +1,132 @@
+"""ShardSpec: how one rank-local parameter is made from checkpoint tensors.
+
+A parameter is the concatenation along dim 0 of one or more *parts*. Each part is a checkpoint tensor,
+optionally padded along a dim (vLLM pads the vocabulary), cut into `chunks` equal chunks along that dim;
+rank r of a TP group of size tp takes chunk `r * chunks // tp`. That one rule covers:
+
+- replicated (norms):                        chunks = 1
+- split on dim 0 or 1 (column / row linear): chunks = tp
+- fused [q|k|v] or [gate|up]:                several parts, each split on dim 0; k and v take
+                                              chunks = num_kv_heads < tp when kv heads are replicated
+- vocab split with padding:                  padded = vocab rounded up, chunks = tp; rows past the
+                                              real vocabulary are zeros
+
+Every loader and converter asks the spec the same question: `copies(rank)`, the source regions that fill
+the rank's tensor, and `byte_runs` turns a region into file byte ranges for partial reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Part:
+    source: str  # checkpoint tensor name
+    shape: tuple[int, ...]  # its full (checkpoint) shape
+    dim: int = 0
+    chunks: int = 1
+    padded: int | None = None  # size along `dim` after zero padding; None: shape[dim]
+
+    @property
+    def padded_size(self) -> int:
+        return self.shape[self.dim] if self.padded is None else self.padded
+
+    @property
+    def chunk_size(self) -> int:
+        return self.padded_size // self.chunks
+
+    def local_shape(self) -> tuple[int, ...]:
+        shape = list(self.shape)
+        shape[self.dim] = self.chunk_size
+        return tuple(shape)
+
+    def source_range(self, rank: int, tp_size: int) -> tuple[int, int]:
+        """[start, stop) along `dim` of the source tensor that `rank` holds (may be short or empty)."""
+        chunk = rank * self.chunks // tp_size
+        start = min(chunk * self.chunk_size, self.shape[self.dim])
+        stop = min(start + self.chunk_size, self.shape[self.dim])
+        return start, stop
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Source region `source[dim][start:stop]` goes to rows [dst_row, dst_row + rows) of the local tensor."""
+
+    source: str
+    dim: int
+    start: int
+    stop: int
+    dst_row: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    kind: str  # replicated | split | fused | vocab: for people and the manifest
+    parts: tuple[Part, ...]
+    tp_size: int
+
+    def __post_init__(self) -> None:
+        for part in self.parts:
+            if part.padded_size % part.chunks or part.padded_size < part.shape[part.dim]:
+                raise ValueError(f"{part.source}: {part.padded_size} not divisible into {part.chunks} chunks")
+            if self.tp_size % part.chunks:
+                raise ValueError(f"{part.source}: {part.chunks} chunks do not divide TP size {self.tp_size}")
+        if len(self.parts) > 1 and len({p.local_shape()[1:] for p in self.parts}) != 1:
+            raise ValueError("fused parts must agree on every dim but 0")
+
+    def local_shape(self) -> tuple[int, ...]:
+        shapes = [p.local_shape() for p in self.parts]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def copies(self, rank: int) -> list[Copy]:
+        result = []
+        row = 0
+        for part in self.parts:
+            start, stop = part.source_range(rank, self.tp_size)
+            rows = stop - start if part.dim == 0 else part.shape[0]
+            if stop > start:
+                result.append(Copy(part.source, part.dim, start, stop, row, rows))
+            row += part.local_shape()[0]
+        return result
+
+    def covers_all_rows(self, rank: int) -> bool:
+        """False when padding leaves rows that must be zero-filled."""
+        return sum(c.rows for c in self.copies(rank)) == self.local_shape()[0]
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(p.source for p in self.parts)
+
+
+def replicated(source: str, shape: tuple[int, ...], tp_size: int) -> ShardSpec:
+    return ShardSpec("replicated", (Part(source, shape),), tp_size)
+
+
+def split(source: str, shape: tuple[int, ...], dim: int, tp_size: int) -> ShardSpec:
+    return ShardSpec("split", (Part(source, shape, dim, tp_size),), tp_size)
+
+
+def fused(parts: list[tuple[str, tuple[int, ...], int]], tp_size: int) -> ShardSpec:
+    """Parts given as (source, shape, chunks), each split on dim 0, concatenated in order."""
+    return ShardSpec("fused", tuple(Part(s, shape, 0, chunks) for s, shape, chunks in parts), tp_size)
+
+
+def vocab(source: str, shape: tuple[int, ...], padded_rows: int, tp_size: int) -> ShardSpec:
+    return ShardSpec("vocab", (Part(source, shape, 0, tp_size, padded_rows),), tp_size)
+
+
+def byte_runs(shape: tuple[int, ...], itemsize: int, dim: int, start: int, stop: int) -> list[tuple[int, int]]:
+    """(offset, length) byte runs, relative to the tensor's first byte, of `tensor[dim][start:stop]` in
+    row-major order; adjacent runs are merged, so a dim-0 slice is a single run."""
+    inner = math.prod(shape[dim + 1 :]) * itemsize
+    outer = math.prod(shape[:dim])
+    stride = shape[dim] * inner
+    length = (stop - start) * inner
+    if length == 0:
+        return []
+    if length == stride:  # the whole tensor
+        return [(0, stride * outer)]
+    return [(i * stride + start * inner, length) for i in range(outer)]
