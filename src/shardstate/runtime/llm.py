@@ -6,7 +6,6 @@ import contextlib
 import multiprocessing as mp
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,8 @@ from shardstate.config import load_config
 from shardstate.errors import ShardstateError
 from shardstate.loaders import LOADERS, LoadReport
 from shardstate.runtime.distributed import free_port
+from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
-from shardstate.tokenizer import Tokenizer
-
-
-@dataclass
-class Output:
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated
-    text: str | None  # decoded generated text when the model has a tokenizer
-    logits: torch.Tensor  # fp32 [vocab]: next-token logits after the prompt
 
 
 class LLM:
@@ -46,7 +37,7 @@ class LLM:
         if load_format not in LOADERS:
             raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOADERS)}")
         self.tp_size = tensor_parallel_size
-        self._tokenizer: Tokenizer | None = None
+        self.prompts = PromptCodec(self.model_dir, self.config)
         args = WorkerArgs(str(self.model_dir), tensor_parallel_size, load_format, dtype)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -96,12 +87,6 @@ class LLM:
         return self._collect()
 
     # -- public API ---------------------------------------------------------------------------------
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.model_dir)
-        return self._tokenizer
-
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -109,27 +94,14 @@ class LLM:
         ignore_eos: bool = False,
     ) -> list[Output]:
         """Greedy continuation of each prompt (text, or token ids), as one batch."""
-        if not prompts:
-            return []
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-        for prompt, token_ids in zip(prompts, ids, strict=False):
-            if not token_ids:
-                raise ShardstateError(f"prompt {prompt!r} has no tokens", None, "give a non-empty prompt")
-            bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ShardstateError(
-                    f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})", None,
-                    "pass ids the model knows",
-                )
         if max_new_tokens < 0:
             raise ShardstateError(f"max_new_tokens={max_new_tokens} is negative", None, "pass 0 or more")
+        if not prompts:
+            return []
+        ids = self.prompts.encode(prompts)
         eos = () if ignore_eos else self.config.eos_token_ids
         generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos)[0]
-        has_text = (self.model_dir / "tokenizer.json").is_file()
-        return [
-            Output(prompt, out, self.tokenizer.decode(out) if has_text else None, generation.first_logits[row])
-            for row, (prompt, out) in enumerate(zip(ids, generation.token_ids, strict=False))
-        ]
+        return self.prompts.outputs(ids, generation)
 
     def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every rank's parameters by vLLM name (copies), for checks across load paths."""

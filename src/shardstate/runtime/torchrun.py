@@ -1,0 +1,44 @@
+"""`shardstate generate` when started by torchrun: this process is one rank; rank 0 prints."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from shardstate.config import load_config
+from shardstate.errors import ShardstateError
+from shardstate.loaders import LoadReport
+from shardstate.runtime.distributed import init_group, torchrun_env
+from shardstate.runtime.prompts import Output, PromptCodec
+from shardstate.runtime.worker import Worker, WorkerArgs
+
+Printer = Callable[[list[Output], list[LoadReport], bool], None]
+
+
+def generate_under_torchrun(args: argparse.Namespace, print_generation: Printer) -> None:
+    rank, world, local_rank = torchrun_env()
+    if args.tp not in (1, world):  # --tp left at its default means "the world size"
+        raise ShardstateError(
+            f"--tp {args.tp} but torchrun started {world} processes", None, f"pass --tp {world} or omit it"
+        )
+    config = load_config(args.model)
+    config.check_tp_size(world)
+    codec = PromptCodec(Path(args.model), config)
+    prompt_ids = codec.encode(args.prompts)
+    group = init_group(rank, world)
+    try:
+        worker = Worker(WorkerArgs(str(args.model), world, args.load_format, args.dtype), group, local_rank)
+        eos = () if args.ignore_eos else config.eos_token_ids
+        generation = worker.generate(prompt_ids, args.max_new_tokens, eos)
+        reports = [worker.load_report]
+        if world > 1:
+            reports = [None] * world
+            dist.all_gather_object(reports, worker.load_report)
+        if rank == 0:
+            print_generation(codec.outputs(prompt_ids, generation), reports, args.json)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
