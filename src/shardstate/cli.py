@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
-from shardstate.loaders import LOADERS, LoadReport
-from shardstate.runtime.prompts import Output
+from shardstate.loaders import LOADERS
 
 
 class _AppendPrompt(argparse.Action):
@@ -45,29 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_generation(outputs: list[Output], reports: list[LoadReport], as_json: bool) -> None:
-    if as_json:
-        doc = {"outputs": [o.to_json() for o in outputs], "load": [r.to_json() for r in reports]}
-        print(json.dumps(doc))
-        return
-    for n, out in enumerate(outputs):
-        print(f"prompt {n}: {out.prompt_token_ids}")
-        print(f"  tokens: {out.token_ids}")
-        if out.text is not None:
-            print(f"  text:   {out.text!r}")
-    print(load_table([("", r) for r in reports]))
-
-
-def load_table(rows: list[tuple[str, LoadReport]]) -> str:
-    """One line per (loader label, rank report): seconds, MB read, GB/s, files opened."""
-    lines = [f"{'loader':<9} {'rank':>4} {'seconds':>8} {'MB read':>9} {'GB/s':>6}  files"]
-    for label, r in rows:
-        rate = r.bytes_read / r.seconds / 1e9 if r.seconds else 0.0
-        files = ", ".join(Path(f).name for f in r.files)
-        lines.append(f"{label:<9} {r.rank:>4} {r.seconds:>8.3f} {r.bytes_read / 1e6:>9.1f} {rate:>6.2f}  {files}")
-    return "\n".join(lines)
-
-
 def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from shardstate.runtime.distributed import torchrun_env
 
@@ -76,7 +52,7 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     if torchrun_env() is not None:
         from shardstate.runtime.torchrun import generate_under_torchrun
 
-        generate_under_torchrun(args, print_generation)
+        generate_under_torchrun(args)
         return
     from shardstate.runtime.llm import LLM
 

@@ -82,6 +82,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     """Read MODEL/config.json; refuse what the Llama TP model cannot run, with the reason."""
+    if not Path(model_dir).is_dir():
+        raise ShardstateError("not a directory", Path(model_dir), "pass a Hugging Face model directory")
     path = Path(model_dir) / "config.json"
     try:
         raw = path.read_bytes()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shardstate.cli import load_table
+from shardstate.display import load_table
 from shardstate.errors import ShardstateError
 from shardstate.loaders import LOADERS
 from shardstate.runtime.llm import LLM

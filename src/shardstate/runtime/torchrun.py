@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
 from shardstate.config import load_config
+from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
-from shardstate.loaders import LoadReport
 from shardstate.runtime.distributed import init_group, torchrun_env
-from shardstate.runtime.prompts import Output, PromptCodec
+from shardstate.runtime.prompts import PromptCodec
 from shardstate.runtime.worker import Worker, WorkerArgs
 
-Printer = Callable[[list[Output], list[LoadReport], bool], None]
 
-
-def generate_under_torchrun(args: argparse.Namespace, print_generation: Printer) -> None:
+def generate_under_torchrun(args: argparse.Namespace) -> None:
     rank, world, local_rank = torchrun_env()
     if args.tp not in (1, world):  # --tp left at its default means "the world size"
         raise ShardstateError(

@@ -1,0 +1,121 @@
+"""The default and sliced loaders: bit-identical parameters, equal to slices computed here by hand from
+the checkpoint (read with the safetensors library), and the sliced loader reads only its slices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROMPTS
+from safetensors.torch import load_file
+
+from shardstate import LLM
+
+
+def hf_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+def expected_rank_state(model_dir: Path, tp: int, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """vLLM's rank-local Llama layout, written out directly (independent of shardstate.spec)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hf = {k: v.to(dtype) for k, v in hf_state(model_dir).items()}
+    kv_chunks = min(tp, cfg["num_key_value_heads"])
+    kv_index = rank * kv_chunks // tp
+
+    def vocab_rows(weight: torch.Tensor) -> torch.Tensor:
+        padded_rows = -(-weight.shape[0] // 64) * 64
+        padded = torch.zeros(padded_rows, weight.shape[1], dtype=weight.dtype)
+        padded[: weight.shape[0]] = weight
+        return padded.chunk(tp)[rank]
+
+    out = {"model.embed_tokens.weight": vocab_rows(hf["model.embed_tokens.weight"])}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        q, k, v = (hf[f"{p}self_attn.{x}_proj.weight"] for x in "qkv")
+        out[f"{p}self_attn.qkv_proj.weight"] = torch.cat(
+            [q.chunk(tp)[rank], k.chunk(kv_chunks)[kv_index], v.chunk(kv_chunks)[kv_index]]
+        )
+        out[f"{p}self_attn.o_proj.weight"] = hf[f"{p}self_attn.o_proj.weight"].chunk(tp, dim=1)[rank]
+        gate, up = hf[f"{p}mlp.gate_proj.weight"], hf[f"{p}mlp.up_proj.weight"]
+        out[f"{p}mlp.gate_up_proj.weight"] = torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+        out[f"{p}mlp.down_proj.weight"] = hf[f"{p}mlp.down_proj.weight"].chunk(tp, dim=1)[rank]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{p}{norm}.weight"] = hf[f"{p}{norm}.weight"]
+    out["model.norm.weight"] = hf["model.norm.weight"]
+    if not cfg.get("tie_word_embeddings"):
+        out["lm_head.weight"] = vocab_rows(hf["lm_head.weight"])
+    return out
+
+
+def assert_states_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def load_both(model_dir: Path, tp: int, **kwargs):
+    results = {}
+    for load_format in ("default", "sliced"):
+        with LLM(model_dir, tensor_parallel_size=tp, load_format=load_format, **kwargs) as llm:
+            tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+            results[load_format] = (llm.rank_state_dicts(), llm.load_reports, tokens)
+    return results
+
+
+@pytest.mark.parametrize(
+    "name,tp",
+    [("gqa_untied", 2), ("mha_tied", 2), pytest.param("gqa_untied", 4, marks=pytest.mark.slow)],
+    ids=["gqa_untied-tp2", "mha_tied-tp2", "gqa_untied-tp4-kv-replicated"],
+)
+def test_loaders_bit_identical_to_hand_slices(checkpoints, name, tp):
+    model_dir = checkpoints[name]
+    results = load_both(model_dir, tp)
+    for states, _, _ in results.values():
+        for rank, state in enumerate(states):
+            expected = expected_rank_state(model_dir, tp, rank, torch.float32)
+            assert_states_equal(state, expected)
+    assert results["default"][2] == results["sliced"][2]
+
+
+def test_sliced_reads_only_its_slices(checkpoints):
+    """TP=2: default reads every byte of the file on every rank; sliced ranks together read the file
+    once, plus per extra rank the header and the replicated norms."""
+    model_dir = checkpoints["gqa_untied"]
+    (file,) = model_dir.glob("*.safetensors")
+    file_size = file.stat().st_size
+    header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+    replicated = sum(t.numel() * t.element_size() for k, t in hf_state(model_dir).items() if "norm" in k)
+    results = load_both(model_dir, 2)
+    default_reports, sliced_reports = results["default"][1], results["sliced"][1]
+    assert [r.bytes_read for r in default_reports] == [file_size, file_size]
+    sliced = [r.bytes_read for r in sliced_reports]
+    assert sum(sliced) == file_size + header + replicated
+    for bytes_read in sliced:
+        assert 0.4 * file_size < bytes_read < 0.6 * file_size
+    for report in default_reports + sliced_reports:
+        assert report.files == [str(file)]
+        assert report.seconds > 0
+
+
+def test_multi_file_bf16_checkpoint_and_dtype_cast(sharded_bf16_checkpoint):
+    model_dir = sharded_bf16_checkpoint
+    files = sorted(model_dir.glob("*.safetensors"))
+    assert len(files) > 2 and (model_dir / "model.safetensors.index.json").is_file()
+    native = load_both(model_dir, 2)
+    for states, reports, _ in native.values():
+        for rank, state in enumerate(states):
+            assert_states_equal(state, expected_rank_state(model_dir, 2, rank, torch.bfloat16))
+        assert all(r.bytes_read > 0 for r in reports)
+    assert native["default"][2] == native["sliced"][2]
+    cast = load_both(model_dir, 2, dtype="float32")
+    for states, _, _ in cast.values():
+        for rank, state in enumerate(states):
+            assert_states_equal(state, expected_rank_state(model_dir, 2, rank, torch.float32))
