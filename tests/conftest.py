@@ -13,7 +13,9 @@ from shardstate.synthetic import make_llama_checkpoint
 # vocab 203: not a multiple of 64, nor of any TP size used here.
 CHECKPOINTS = {
     "gqa_untied": {"num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
-    "mha_tied": {"num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True, "rope_theta": 500000.0},
+    "mha_tied": {
+        "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True, "rope_theta": 500000.0
+    },
 }
 PROMPTS = [[1, 5, 9, 33, 7, 120], [4, 100, 2, 8], [150], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
 

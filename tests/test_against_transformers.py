@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, transformers_greedy
 
+from conftest import PROMPTS, transformers_greedy
 from shardstate import LLM
 
 STEPS = 8

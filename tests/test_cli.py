@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import transformers_greedy
 from safetensors.torch import load_file, save_file
+
+from conftest import transformers_greedy
 
 BIN = Path(sys.executable).parent
 
@@ -52,14 +53,14 @@ def test_generate_under_torchrun(checkpoints):
     assert [r["rank"] for r in doc["load"]] == [0, 1]
 
 
-def broken_copy(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 (edit: state dict -> state dict)
+def broken_copy(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     path = dst / "model.safetensors"
     save_file(edit(load_file(path)), path, metadata={"format": "pt"})
     return dst
 
 
-def edit_config(src: Path, dst: Path, **changes) -> Path:  # noqa: ANN003
+def edit_config(src: Path, dst: Path, **changes) -> Path:
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
     config.update(changes)
@@ -67,11 +68,11 @@ def edit_config(src: Path, dst: Path, **changes) -> Path:  # noqa: ANN003
     return dst
 
 
-def drop(name):  # noqa: ANN001, ANN201
+def drop(name):
     return lambda state: {k: v for k, v in state.items() if k != name}
 
 
-def narrow(name):  # noqa: ANN001, ANN201
+def narrow(name):
     return lambda state: {**state, name: state[name][:, :-1].contiguous()}
 
 

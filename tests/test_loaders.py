@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS
 from safetensors.torch import load_file
 
+from conftest import PROMPTS
 from shardstate import LLM
 
 
