@@ -17,11 +17,11 @@ demo: $(STAMP)
 	$(BIN)/shardstate demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
