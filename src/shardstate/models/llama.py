@@ -41,6 +41,15 @@ class KVCache:
         return cls(make(), make())
 
 
+@dataclass
+class Step:
+    """What every layer needs for one forward step besides its input and its cache."""
+
+    cos_sin: tuple[torch.Tensor, torch.Tensor]  # RoPE tables for the step's positions
+    mask: torch.Tensor  # [batch, 1, steps, cache_pos + steps] bool
+    cache_pos: int  # where the step's keys and values go in the cache
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -82,31 +91,24 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(qkv, dtype)
         self.o_proj = RowParallelLinear(spec.split(f"{prefix}.o_proj.weight", (h, n_q * d), 1, tp), dtype, group)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        cache_pos: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, t, _ = x.shape
         q_size, kv_size = self.local_q_heads * self.head_dim, self.local_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(b, t, self.local_q_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.local_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = (c.unsqueeze(1) for c in cos_sin)
+        cos, sin = (c.unsqueeze(1) for c in step.cos_sin)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache, v_cache = cache
-        end = cache_pos + t
-        k_cache[:, :, cache_pos:end] = k
-        v_cache[:, :, cache_pos:end] = v
+        end = step.cache_pos + t
+        k_cache[:, :, step.cache_pos : end] = k
+        v_cache[:, :, step.cache_pos : end] = v
         repeat = self.local_q_heads // self.local_kv_heads
         keys = k_cache[:, :, :end].repeat_interleave(repeat, dim=1)
         values = v_cache[:, :, :end].repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, q_size))
 
 
@@ -136,15 +138,8 @@ class DecoderLayer(nn.Module):
         )
         self.mlp = MLP(config, group, dtype, f"{prefix}.mlp")
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        cache: tuple[torch.Tensor, torch.Tensor],
-        cache_pos: int,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, cache, cache_pos)
+    def forward(self, x: torch.Tensor, step: Step, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -195,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits for the last position of each sequence, [batch, vocab]."""
         x = self.model.embed_tokens(ids)
-        cos_sin = self.model.rotary(positions, x.dtype)
+        step = Step(self.model.rotary(positions, x.dtype), mask, cache_pos)
         for n, layer in enumerate(self.model.layers):
-            x = layer(x, cos_sin, mask, (cache.keys[n], cache.values[n]), cache_pos)
+            x = layer(x, step, (cache.keys[n], cache.values[n]))
         return self.lm_head(self.model.norm(x[:, -1]))
