@@ -42,8 +42,9 @@ class LoadTarget:
         specs = model.shard_specs()
         return cls(rank, {n: p.data for n, p in model.named_parameters()}, specs)
 
-    def copies(self) -> list[tuple[torch.Tensor, Copy]]:
-        """Every (destination rows, copy) pair; rows left uncovered (vocab padding) are zeroed here."""
+    def zero_padding_and_plan(self) -> list[tuple[torch.Tensor, Copy]]:
+        """Zero every parameter with rows no copy fills (vocab padding); return every (destination rows,
+        copy) pair, which together fill all other rows."""
         result = []
         for name, spec in self.specs.items():
             param = self.params[name]

@@ -13,7 +13,7 @@ def load_default(target: LoadTarget, model_dir: Path) -> ReadAccount:
     with ReadAccount() as account:
         checkpoint = open_checked(target, model_dir, account)
         by_source: dict[str, list] = {}
-        for dest, copy in target.copies():
+        for dest, copy in target.zero_padding_and_plan():
             by_source.setdefault(copy.source, []).append((dest, copy))
         for header in checkpoint.headers:
             for name, entry in header.tensors.items():

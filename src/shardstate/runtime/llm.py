@@ -38,7 +38,7 @@ class LLM:
             raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOADERS)}")
         self.tp_size = tensor_parallel_size
         self.prompts = PromptCodec(self.model_dir, self.config)
-        args = WorkerArgs(str(self.model_dir), tensor_parallel_size, load_format, dtype)
+        args = WorkerArgs(str(self.model_dir), load_format, dtype)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)

@@ -27,7 +27,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> None:
     prompt_ids = codec.encode(args.prompts)
     group = init_group(rank, world)
     try:
-        worker = Worker(WorkerArgs(str(args.model), world, args.load_format, args.dtype), group, local_rank)
+        worker = Worker(WorkerArgs(str(args.model), args.load_format, args.dtype), group, local_rank)
         eos = () if args.ignore_eos else config.eos_token_ids
         generation = worker.generate(prompt_ids, args.max_new_tokens, eos)
         reports = [worker.load_report]

@@ -25,7 +25,6 @@ from shardstate.runtime.layers import materialize
 @dataclass(frozen=True)
 class WorkerArgs:
     model_dir: str
-    tp_size: int
     load_format: str
     dtype: str | None  # None: config.json's dtype, else the checkpoint's
 
