@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
-from shardstate.loaders import LOADERS
+from shardstate.loaders import LOAD_FORMATS
 
 
 class _AppendPrompt(argparse.Action):
@@ -24,6 +26,35 @@ class _AppendPrompt(argparse.Action):
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), value])
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'300KB' -> 300000, '64MiB' -> 67108864."""
+    number = text.rstrip("BbKkMmGgIi")
+    unit = text[len(number):].upper()
+    try:
+        value = int(float(number) * SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 300KB, 64MiB or 5GiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from shardstate.convert import convert
+
+    report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report)))
+        return
+    rate = (report.bytes_read + report.bytes_written) / report.seconds / 1e9
+    print(f"converted {args.src} -> {args.out} at TP={args.tp}: {len(report.files)} files, read "
+          f"{report.bytes_read / 1e6:.1f} MB, wrote {report.bytes_written / 1e6:.1f} MB in "
+          f"{report.seconds:.2f}s ({rate:.2f} GB/s read+write)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstate", description="Load LLMs into tensor-parallel workers fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,10 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the main job on an embedded default model")
     demo.add_argument("--max-new-tokens", type=int, default=16)
 
+    conv = commands.add_parser("convert", help="HF checkpoint -> sharded state (offline, one process, CPU)")
+    conv.add_argument("src", type=Path)
+    conv.add_argument("out", type=Path)
+    conv.add_argument("--tp", type=int, required=True)
+    conv.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
+    conv.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE",
+                      help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
+    conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    conv.add_argument("--json", action="store_true")
+
     gen = commands.add_parser("generate", help="load MODEL on TP workers and generate greedily")
     gen.add_argument("model", type=Path, help="Hugging Face model directory")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun: the world size)")
-    gen.add_argument("--load-format", choices=sorted(LOADERS), default="default")
+    gen.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
+                     help="auto: sharded for a sharded state, else default")
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     gen.add_argument("--prompt", dest="prompts", action=_AppendPrompt, help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, metavar="1,2,3", help="token ids")
@@ -67,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args, parser)
+        elif args.command == "convert":
+            run_convert(args)
         elif args.command == "demo":
             from shardstate.demo import run_demo
 
@@ -74,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShardstateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `shardstate ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,8 @@ DTYPE_NAMES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "f32": torch.float32,  # safetensors' names (F32, F16, BF16), as the manifest writes them
+    "f16": torch.float16,
 }
 
 

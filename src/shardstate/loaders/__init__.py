@@ -8,24 +8,31 @@ from pathlib import Path
 from torch import nn
 
 from shardstate.errors import ShardstateError
+from shardstate.format.manifest import MANIFEST_NAME
 from shardstate.loaders.base import LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
+from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
 
-LOADERS = {"default": load_default, "sliced": load_sliced}
+LOADERS = {"default": load_default, "sliced": load_sliced, "sharded": load_sharded}
+LOAD_FORMATS = ("auto", *LOADERS)
+
+
+def resolve_load_format(load_format: str, model_dir: str | Path) -> str:
+    """`auto`: sharded when MODEL is a sharded state (has a manifest), else default."""
+    if load_format == "auto":
+        return "sharded" if (Path(model_dir) / MANIFEST_NAME).is_file() else "default"
+    if load_format not in LOADERS:
+        raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOAD_FORMATS)}")
+    return load_format
 
 
 def load_weights(load_format: str, model: nn.Module, model_dir: str | Path, rank: int) -> LoadReport:
     """Fill `model`'s materialised parameters from `model_dir` with the named strategy; time it."""
-    try:
-        loader = LOADERS[load_format]
-    except KeyError:
-        raise ShardstateError(
-            f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOADERS)}"
-        ) from None
+    loader = LOADERS[resolve_load_format(load_format, model_dir)]
     start = time.perf_counter()
     account = loader(LoadTarget.of(model, rank), Path(model_dir))
     return LoadReport(rank, time.perf_counter() - start, account.bytes_read, account.files)
 
 
-__all__ = ["LOADERS", "LoadReport", "load_weights"]
+__all__ = ["LOADERS", "LOAD_FORMATS", "LoadReport", "load_weights", "resolve_load_format"]

@@ -42,6 +42,10 @@ class LoadTarget:
         specs = model.shard_specs()
         return cls(rank, {n: p.data for n, p in model.named_parameters()}, specs)
 
+    @property
+    def tp_size(self) -> int:
+        return next(iter(self.specs.values())).tp_size
+
     def zero_padding_and_plan(self) -> list[tuple[torch.Tensor, Copy]]:
         """Zero every parameter with rows no copy fills (vocab padding); return every (destination rows,
         copy) pair, which together fill all other rows."""
@@ -54,13 +58,13 @@ class LoadTarget:
         return result
 
 
-def open_checked(target: LoadTarget, model_dir: Path, account: ReadAccount) -> Checkpoint:
+def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAccount) -> Checkpoint:
     """Open the checkpoint and refuse it, naming file and tensor, unless it has exactly the tensors the
     specs need with exactly the shapes they need (extra tensors only from IGNORED_SUFFIXES or a tied head)."""
     checkpoint = open_checkpoint(model_dir)
     for header in checkpoint.headers:
         account.note_header(header.path, header.data_start)
-    needed = {p.source: p.shape for s in target.specs.values() for p in s.parts}
+    needed = {p.source: p.shape for s in specs.values() for p in s.parts}
     for source, shape in needed.items():
         location = checkpoint.tensors.get(source)
         if location is None:

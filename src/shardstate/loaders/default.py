@@ -11,7 +11,7 @@ from shardstate.loaders.base import LoadTarget, open_checked
 
 def load_default(target: LoadTarget, model_dir: Path) -> ReadAccount:
     with ReadAccount() as account:
-        checkpoint = open_checked(target, model_dir, account)
+        checkpoint = open_checked(target.specs, model_dir, account)
         by_source: dict[str, list] = {}
         for dest, copy in target.zero_padding_and_plan():
             by_source.setdefault(copy.source, []).append((dest, copy))

@@ -13,7 +13,7 @@ from shardstate.spec import byte_runs
 
 def load_sliced(target: LoadTarget, model_dir: Path) -> ReadAccount:
     with ReadAccount() as account:
-        checkpoint = open_checked(target, model_dir, account)
+        checkpoint = open_checked(target.specs, model_dir, account)
         plan = [(checkpoint.tensors[copy.source], dest, copy) for dest, copy in target.zero_padding_and_plan()]
         plan.sort(key=lambda item: (str(item[0].file), item[0].entry.begin + item[2].start))
         for location, dest, copy in plan:

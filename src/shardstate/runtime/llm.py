@@ -14,7 +14,7 @@ import torch
 
 from shardstate.config import load_config
 from shardstate.errors import ShardstateError
-from shardstate.loaders import LOADERS, LoadReport
+from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.runtime.distributed import free_port
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
@@ -28,14 +28,13 @@ class LLM:
         self,
         model: str | os.PathLike[str],
         tensor_parallel_size: int = 1,
-        load_format: str = "default",
+        load_format: str = "auto",
         dtype: str | None = None,
     ):
         self.model_dir = Path(model)
         self.config = load_config(self.model_dir)
         self.config.check_tp_size(tensor_parallel_size)
-        if load_format not in LOADERS:
-            raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOADERS)}")
+        resolve_load_format(load_format, self.model_dir)
         self.tp_size = tensor_parallel_size
         self.prompts = PromptCodec(self.model_dir, self.config)
         args = WorkerArgs(str(self.model_dir), load_format, dtype)

@@ -1,0 +1,112 @@
+"""convert -> sharded state on disk -> sharded load: the files hold exactly vLLM's rank-local tensors,
+each rank reads only its own files, and the model equals the default load of the source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PROMPTS
+from shardstate import LLM
+from shardstate.convert import convert
+from test_loaders import assert_states_equal, expected_rank_state
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("tp", [1, 2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda tp: f"tp{tp}")
+def test_convert_then_sharded_load_equals_default_load(checkpoints, tmp_path, tp):
+    src = checkpoints["gqa_untied"]
+    out = convert(src, tmp_path / "sharded", tp, max_part_bytes=60_000)
+    sharded_dir = tmp_path / "sharded"
+    manifest = json.loads((sharded_dir / "shardstate.json").read_text())
+    assert manifest["tp_size"] == tp and sorted(manifest["files"]) == out.files
+    for rank in range(tp):
+        files = sorted(sharded_dir.glob(f"model-rank-{rank}-part-*.safetensors"))
+        assert len(files) > 1  # the small part size rolled over
+        on_disk: dict[str, torch.Tensor] = {}
+        for file in files:
+            part = load_file(file)  # the safetensors library's own reader
+            assert part, f"{file.name} is empty"
+            on_disk.update(part)
+        scales = {k: on_disk.pop(k) for k in list(on_disk) if k.endswith("_scale")}
+        assert len(scales) == 4 * 2 and all(v.dtype == torch.float32 and v.item() == 1.0 for v in scales.values())
+        assert_states_equal(on_disk, expected_rank_state(src, tp, rank, torch.float32))
+
+    with LLM(src, tensor_parallel_size=tp, load_format="default") as llm:
+        reference_states = llm.rank_state_dicts()
+        reference_tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+    with LLM(sharded_dir, tensor_parallel_size=tp, load_format="auto") as llm:
+        states = llm.rank_state_dicts()
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+        reports = llm.load_reports
+    assert tokens == reference_tokens
+    for state, reference in zip(states, reference_states, strict=True):
+        assert_states_equal(state, reference)
+    for report in reports:
+        own = sorted(sharded_dir.glob(f"model-rank-{report.rank}-part-*.safetensors"))
+        assert sorted(report.files) == [str(f) for f in own]
+        scale_bytes = 4 * 4 * 2  # vLLM's four F32 scale constants per layer are not read: no parameter
+        assert report.bytes_read == sum(f.stat().st_size for f in own) - scale_bytes
+
+
+def shardstate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "shardstate"), *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def sharded_tp2(checkpoints, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("refusals") / "tp2"
+    convert(checkpoints["gqa_untied"], out, 2)
+    return out
+
+
+def damaged(sharded_tp2: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(sharded_tp2, copy)
+    damage(copy)
+    return copy
+
+
+def edit_config(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "case,tp,damage,expected",
+    [
+        ("tp mismatch", "1", None, "saved for TP=2, running TP=1"),
+        ("missing rank file", "2", lambda d: (d / "model-rank-1-part-0.safetensors").unlink(), "file model-rank-1"),
+        ("missing manifest", "2", lambda d: (d / "shardstate.json").unlink(), "no shardstate.json"),
+        ("different config", "2", edit_config, "config.json differs"),
+        ("wrong dtype", "2", None, "saved as F32, running BF16"),
+    ],
+)
+def test_sharded_load_refusals(sharded_tp2, tmp_path, case, tp, damage, expected):
+    model_dir = damaged(sharded_tp2, tmp_path, damage) if damage else sharded_tp2
+    extra = ["--dtype", "bfloat16"] if case == "wrong dtype" else []
+    args = ["generate", str(model_dir), "--tp", tp, "--load-format", "sharded", "--prompt-ids", "1,2", *extra]
+    result = shardstate(*args)
+    assert_one_error(result, expected)
+
+
+def test_convert_refuses_existing_output_without_force(checkpoints, sharded_tp2):
+    before = sorted(p.name for p in sharded_tp2.iterdir())
+    assert_one_error(shardstate("convert", str(checkpoints["gqa_untied"]), str(sharded_tp2), "--tp", "2"),
+                     "output exists")
+    assert sorted(p.name for p in sharded_tp2.iterdir()) == before
