@@ -1,8 +1,8 @@
 """`shardstate demo`: the main job on an embedded default model.
 
-Creates (once, under the cache directory) a random-weight bf16 Llama of ~300 MB and a small tokenizer,
-then loads it at TP=2 with every loader, generates from one prompt, checks that the tokens are identical
-and prints what each rank read."""
+Creates (once, under the cache directory) a random-weight bf16 Llama of ~270 MB and a small tokenizer,
+converts it once to a TP=2 sharded state, then loads it at TP=2 with every loader, generates from one
+prompt, checks that the tokens are identical and prints what each rank read."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from shardstate.convert import convert
 from shardstate.display import load_table
 from shardstate.errors import ShardstateError
-from shardstate.loaders import LOADERS
+from shardstate.format.manifest import MANIFEST_NAME
 from shardstate.runtime.llm import LLM
 
 DEMO_NAME = "demo-llama-v1"
@@ -73,13 +74,25 @@ def ensure_demo_model() -> Path:
     return target
 
 
+def ensure_sharded(model_dir: Path) -> Path:
+    """The demo model converted to a TP=2 sharded state (once)."""
+    target = model_dir.with_name(f"{model_dir.name}-tp{DEMO_TP}")
+    if not (target / MANIFEST_NAME).is_file():
+        say(f"converting it to a TP={DEMO_TP} sharded state in {target} ...")
+        report = convert(model_dir, target, DEMO_TP, force=True)
+        rate = (report.bytes_read + report.bytes_written) / report.seconds / 1e9
+        say(f"  done in {report.seconds:.1f}s ({rate:.2f} GB/s read+write), {len(report.files)} files")
+    return target
+
+
 def run_demo(max_new_tokens: int = 16) -> None:
     model_dir = ensure_demo_model()
+    sources = {"default": model_dir, "sliced": model_dir, "sharded": ensure_sharded(model_dir)}
     results = {}
-    for step, load_format in enumerate(LOADERS, start=1):
-        say(f"[{step}/{len(LOADERS)}] TP={DEMO_TP}, load format '{load_format}': starting workers, loading ...")
+    for step, (load_format, source) in enumerate(sources.items(), start=1):
+        say(f"[{step}/{len(sources)}] TP={DEMO_TP}, load format '{load_format}': starting workers, loading ...")
         start = time.perf_counter()
-        with LLM(model_dir, tensor_parallel_size=DEMO_TP, load_format=load_format) as llm:
+        with LLM(source, tensor_parallel_size=DEMO_TP, load_format=load_format) as llm:
             (output,) = llm.generate([DEMO_PROMPT], max_new_tokens=max_new_tokens, ignore_eos=True)
             results[load_format] = (output, llm.load_reports)
         say(f"  done in {time.perf_counter() - start:.1f}s")
