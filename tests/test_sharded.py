@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ def test_convert_then_sharded_load_equals_default_load(checkpoints, tmp_path, tp
     sharded_dir = tmp_path / "sharded"
     manifest = json.loads((sharded_dir / "shardstate.json").read_text())
     assert manifest["tp_size"] == tp and sorted(manifest["files"]) == out.files
+    for name, record in manifest["files"].items():
+        data = (sharded_dir / name).read_bytes()
+        assert (record["size"], record["crc32"]) == (len(data), zlib.crc32(data)), name
     for rank in range(tp):
         files = sorted(sharded_dir.glob(f"model-rank-{rank}-part-*.safetensors"))
         assert len(files) > 1  # the small part size rolled over

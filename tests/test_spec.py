@@ -1,4 +1,4 @@
-"""ShardSpec slicing and byte runs against slices computed with torch by hand."""
+"""ShardSpec.take and byte runs against slices computed with torch by hand."""
 
 from __future__ import annotations
 
@@ -6,15 +6,6 @@ import pytest
 import torch
 
 from shardstate import spec
-
-
-def materialize(s: spec.ShardSpec, rank: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = torch.full(s.local_shape(), float("nan"))
-    if not s.covers_all_rows(rank):
-        out.zero_()
-    for c in s.copies(rank):
-        out.narrow(0, c.dst_row, c.rows).copy_(tensors[c.source].narrow(c.dim, c.start, c.stop - c.start))
-    return out
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -31,14 +22,14 @@ def test_fused_qkv_with_replicated_kv_heads(tp):
             k[kv_head * per_kv : (kv_head + 1) * per_kv],
             v[kv_head * per_kv : (kv_head + 1) * per_kv],
         ])
-        assert torch.equal(materialize(s, rank, {"q": q, "k": k, "v": v}), expected)
+        assert torch.equal(s.take(rank, {"q": q, "k": k, "v": v}, torch.float32), expected)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_split_pads_with_zero_rows(tp):
     weight = torch.randn(203, 4)
     s = spec.vocab("e", weight.shape, 256, tp)
-    pieces = [materialize(s, r, {"e": weight}) for r in range(tp)]
+    pieces = [s.take(r, {"e": weight}, torch.float32) for r in range(tp)]
     assert all(p.shape == (256 // tp, 4) for p in pieces)
     whole = torch.cat(pieces)
     assert torch.equal(whole[:203], weight)
@@ -49,7 +40,7 @@ def test_row_split_on_dim_1():
     weight = torch.randn(6, 8)
     s = spec.split("w", weight.shape, 1, 2)
     assert s.local_shape() == (6, 4)
-    assert torch.equal(materialize(s, 1, {"w": weight}), weight[:, 4:])
+    assert torch.equal(s.take(1, {"w": weight}, torch.float32), weight[:, 4:])
 
 
 @pytest.mark.parametrize("shape,dim,start,stop", [((6, 8), 0, 2, 5), ((6, 8), 1, 4, 8), ((3, 4, 5), 1, 1, 3),

@@ -94,7 +94,9 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     if torchrun_env() is not None:
         from shardstate.runtime.torchrun import generate_under_torchrun
 
-        generate_under_torchrun(args)
+        result = generate_under_torchrun(args)
+        if result is not None:  # rank 0
+            print_generation(*result, args.json)
         return
     from shardstate.runtime.llm import LLM
 

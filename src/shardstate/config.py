@@ -9,22 +9,12 @@ from pathlib import Path
 
 import torch
 
+from shardstate.dtypes import DTYPE_ALIASES
 from shardstate.errors import ShardstateError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 VOCAB_PADDING = 64  # vLLM pads the vocabulary to a multiple of 64 before splitting it across ranks
 
-DTYPE_NAMES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "f32": torch.float32,  # safetensors' names (F32, F16, BF16), as the manifest writes them
-    "f16": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -72,14 +62,6 @@ class ModelConfig:
             raise refuse("intermediate_size", self.intermediate_size)
         if self.padded_vocab_size % tp_size:
             raise refuse("the padded vocab size", self.padded_vocab_size)
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPE_NAMES[name.lower()]
-    except KeyError:
-        choices = ", ".join(sorted({"float32", "float16", "bfloat16"}))
-        raise ShardstateError(f"unknown dtype '{name}'", None, f"use one of {choices}") from None
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -150,7 +132,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope_theta),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        dtype=DTYPE_NAMES.get(dtype_name) if isinstance(dtype_name, str) else None,
+        dtype=DTYPE_ALIASES.get(dtype_name) if isinstance(dtype_name, str) else None,
         eos_token_ids=eos_ids,
         fingerprint=hashlib.sha256(raw).hexdigest(),
     )

@@ -18,7 +18,10 @@ the rank's tensor, and `byte_runs` turns a region into file byte ranges for part
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,17 @@ class ShardSpec:
             row += part.local_shape()[0]
         return result
 
+    def take(self, rank: int, sources: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The rank's tensor, cut from whole source tensors (cast to `dtype`, padding rows zero)."""
+        make = torch.empty if self.covers_all_rows(rank) else torch.zeros
+        out = make(self.local_shape(), dtype=dtype)
+        for c in self.copies(rank):
+            out.narrow(0, c.dst_row, c.rows).copy_(sources[c.source].narrow(c.dim, c.start, c.stop - c.start))
+        return out
+
     def covers_all_rows(self, rank: int) -> bool:
         """False when padding leaves rows that must be zero-filled."""
         return sum(c.rows for c in self.copies(rank)) == self.local_shape()[0]
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        return tuple(p.source for p in self.parts)
 
 
 def replicated(source: str, shape: tuple[int, ...], tp_size: int) -> ShardSpec:

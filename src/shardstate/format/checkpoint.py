@@ -27,10 +27,6 @@ class Checkpoint:
     headers: tuple[SafetensorsHeader, ...]
     tensors: dict[str, TensorLocation]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(h.path.stat().st_size for h in self.headers)
-
 
 def find_weight_files(root: Path) -> list[Path]:
     """The checkpoint's safetensors files: from the index when there is one, else every *.safetensors."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +35,6 @@ class Manifest:
 
     def rank_files(self, rank: int) -> list[str]:
         return sorted((n for n, f in self.files.items() if f["rank"] == rank), key=lambda n: self.files[n]["part"])
-
-
-def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

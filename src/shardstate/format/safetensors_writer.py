@@ -1,17 +1,23 @@
-"""Lay out safetensors files before writing them: split tensors into parts and build each header, so
-every tensor's final file offset is known and data can be written in any order (pwrite)."""
+"""Write safetensors files: split tensors into parts, build each header up front from the planned
+tensors, then stream the data in that order."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from shardstate.format.safetensors_header import DTYPE_NAMES
+from shardstate.io.reader import byte_view
 
 ALIGNMENT = 8  # safetensors pads the header so the data section starts 8-byte aligned
+WRITE_BUFFER = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,7 @@ class OutTensor:
 @dataclass(frozen=True)
 class FileLayout:
     header: bytes  # 8-byte length + JSON, padded
-    offsets: dict[str, int]  # tensor name -> absolute offset of its first byte
-    size: int
+    size: int  # of the whole file
 
 
 def split_into_parts(tensors: list[OutTensor], max_part_bytes: int) -> list[list[OutTensor]]:
@@ -49,13 +54,68 @@ def split_into_parts(tensors: list[OutTensor], max_part_bytes: int) -> list[list
 def layout(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> FileLayout:
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     cursor = 0
-    relative = {}
     for t in tensors:
         offsets = [cursor, cursor + t.nbytes]
         entries[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": offsets}
-        relative[t.name] = cursor
         cursor += t.nbytes
     blob = json.dumps(entries, separators=(",", ":")).encode()
     blob += b" " * (-(8 + len(blob)) % ALIGNMENT)
     header = len(blob).to_bytes(8, "little") + blob
-    return FileLayout(header, {n: len(header) + off for n, off in relative.items()}, len(header) + cursor)
+    return FileLayout(header, len(header) + cursor)
+
+
+class RankWriter:
+    """Writes one rank's part files strictly in layout order with large buffered writes, checksumming
+    as it goes (no second pass). Each `write` must be the next tensor of the layout, exactly."""
+
+    def __init__(self, directory: Path, rank: int, parts: list[list[OutTensor]], pattern: str):
+        self.files: dict[str, dict] = {}  # name -> {"rank", "part", "size", "crc32"}
+        self._pending = [(pattern.format(rank=rank, part=n), tensors) for n, tensors in enumerate(parts)]
+        self._directory, self._rank = directory, rank
+        self._part = -1
+        self._queue: list[OutTensor] = []
+        self._file: BinaryIO | None = None
+        self._crc = 0
+
+    def _append(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._crc = zlib.crc32(data, self._crc)
+
+    def _next_part(self) -> None:
+        self._close_part()
+        self._part += 1
+        name, tensors = self._pending[self._part]
+        plan = layout(tensors)
+        self.files[name] = {"rank": self._rank, "part": self._part, "size": plan.size}
+        self._file = open(self._directory / name, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115 (closed in _close_part)
+        self._crc = 0
+        self._queue = list(tensors)
+        self._append(plan.header)
+
+    def _close_part(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.files[self._pending[self._part][0]]["crc32"] = self._crc
+            self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if not self._queue:
+            self._next_part()
+        expected = self._queue.pop(0)
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected.name, expected.dtype, expected.shape):
+            raise RuntimeError(f"writer expected {expected}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._append(byte_view(tensor.contiguous()))
+
+    def close(self) -> None:
+        """Finish the last part; refuse to end with tensors of the layout unwritten."""
+        if self._queue or self._part != len(self._pending) - 1:
+            raise RuntimeError(f"rank {self._rank}: layout not fully written")
+        self._close_part()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,4 +1,4 @@
-"""`shardstate generate` when started by torchrun: this process is one rank; rank 0 prints."""
+"""`shardstate generate` when started by torchrun: this process is one rank."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from pathlib import Path
 import torch.distributed as dist
 
 from shardstate.config import load_config
-from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
+from shardstate.loaders import LoadReport
 from shardstate.runtime.distributed import init_group, torchrun_env
-from shardstate.runtime.prompts import PromptCodec
+from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import Worker, WorkerArgs
 
 
-def generate_under_torchrun(args: argparse.Namespace) -> None:
+def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], list[LoadReport]] | None:
+    """Load and generate as this rank; rank 0 gets the outputs and every rank's load report, others None."""
     rank, world, local_rank = torchrun_env()
     if args.tp not in (1, world):  # --tp left at its default means "the world size"
         raise ShardstateError(
@@ -34,8 +35,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> None:
         if world > 1:
             reports = [None] * world
             dist.all_gather_object(reports, worker.load_report)
-        if rank == 0:
-            print_generation(codec.outputs(prompt_ids, generation), reports, args.json)
+        return (codec.outputs(prompt_ids, generation), reports) if rank == 0 else None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,15 +7,13 @@ import os
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from shardstate.config import ModelConfig, load_config, parse_dtype
+from shardstate.config import load_config
+from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
-from shardstate.format.checkpoint import open_checkpoint
-from shardstate.format.manifest import MANIFEST_NAME, read_manifest
 from shardstate.loaders import load_weights
 from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup, device_for, init_group
@@ -28,20 +26,6 @@ class WorkerArgs:
     model_dir: str
     load_format: str
     dtype: str | None  # None: the sharded state's, else config.json's, else the weights'
-
-
-def resolve_dtype(requested: str | None, config: ModelConfig, model_dir: str | Path) -> torch.dtype:
-    if requested and requested != "auto":
-        return parse_dtype(requested)
-    if (Path(model_dir) / MANIFEST_NAME).is_file():  # a sharded state holds exactly one dtype
-        return parse_dtype(read_manifest(Path(model_dir)).dtype)
-    if config.dtype is not None:
-        return config.dtype
-    for header in open_checkpoint(model_dir).headers:
-        for entry in header.tensors.values():
-            if entry.dtype.is_floating_point:
-                return entry.dtype
-    return torch.float32
 
 
 class Worker:

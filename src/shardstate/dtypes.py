@@ -1,0 +1,50 @@
+"""Dtype names people type, and the dtype a model runs in when none is asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from shardstate.errors import ShardstateError
+from shardstate.format.checkpoint import open_checkpoint
+from shardstate.format.manifest import MANIFEST_NAME, read_manifest
+
+if TYPE_CHECKING:
+    from shardstate.config import ModelConfig
+
+DTYPE_ALIASES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "f32": torch.float32,  # safetensors' names (F32, F16, BF16), as the manifest writes them
+    "f16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPE_ALIASES[name.lower()]
+    except KeyError:
+        choices = ", ".join(sorted({"float32", "float16", "bfloat16"}))
+        raise ShardstateError(f"unknown dtype '{name}'", None, f"use one of {choices}") from None
+
+
+def resolve_dtype(requested: str | None, config: ModelConfig, model_dir: str | Path) -> torch.dtype:
+    """What was asked for; else a sharded state's dtype; else config.json's; else the weights'."""
+    if requested and requested != "auto":
+        return parse_dtype(requested)
+    if (Path(model_dir) / MANIFEST_NAME).is_file():  # a sharded state holds exactly one dtype
+        return parse_dtype(read_manifest(Path(model_dir)).dtype)
+    if config.dtype is not None:
+        return config.dtype
+    for header in open_checkpoint(model_dir).headers:
+        for entry in header.tensors.values():
+            if entry.dtype.is_floating_point:
+                return entry.dtype
+    return torch.float32
