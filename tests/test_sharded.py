@@ -114,3 +114,22 @@ def test_convert_refuses_existing_output_without_force(checkpoints, sharded_tp2)
     assert_one_error(shardstate("convert", str(checkpoints["gqa_untied"]), str(sharded_tp2), "--tp", "2"),
                      "output exists")
     assert sorted(p.name for p in sharded_tp2.iterdir()) == before
+
+
+@pytest.mark.parametrize("saved_tp,target_tp", [(4, 2), (2, 4), (1, 4), (4, 1)])
+@pytest.mark.parametrize("name", ["gqa_untied", "mha_tied"])
+def test_reshard_equals_direct_convert(checkpoints, tmp_path, name, saved_tp, target_tp):
+    """Resharding never sees the HF checkpoint, yet writes byte-identical rank files (vocab padding,
+    fused qkv/gate_up and replicated kv heads merged and split again)."""
+    src = checkpoints[name]
+    saved = tmp_path / f"tp{saved_tp}"
+    convert(src, saved, saved_tp, max_part_bytes=70_000)
+    resharded = convert(saved, tmp_path / "resharded", target_tp, max_part_bytes=70_000)
+    direct = convert(src, tmp_path / "direct", target_tp, max_part_bytes=70_000)
+    assert resharded.files == direct.files
+    for file in direct.files:
+        assert (tmp_path / "resharded" / file).read_bytes() == (tmp_path / "direct" / file).read_bytes(), file
+    manifest = json.loads((tmp_path / "resharded" / "shardstate.json").read_text())
+    assert manifest["tp_size"] == target_tp
+    assert sorted(s["name"] for s in manifest["source"]) == sorted(p.name for p in saved.glob("*.safetensors"))
+    assert manifest["files"] == json.loads((tmp_path / "direct" / "shardstate.json").read_text())["files"]

@@ -1,6 +1,7 @@
-"""HF checkpoint -> sharded state, offline in one process on CPU.
+"""HF checkpoint (or a sharded state at another TP size) -> sharded state, offline in one process on CPU.
 
-Parameters are produced in the model's order: each one's source tensors are read whole, once, and every
+Parameters are produced in the model's order: each one's source tensors are read whole, once (or merged
+from every saved rank when resharding), and every
 rank's slice of it is appended to that rank's current part file. Every output file is written front to
 back (large buffered writes, checksum on the fly), and memory holds one parameter's sources at a time."""
 
@@ -25,9 +26,9 @@ from shardstate.format.manifest import MANIFEST_NAME, PP1_PATTERN, Manifest, wri
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import OutTensor, RankWriter, split_into_parts
 from shardstate.io.reader import ReadAccount
-from shardstate.loaders.base import open_checked
 from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup
+from shardstate.sources import CheckpointSource, ShardedSource, TensorSource
 from shardstate.spec import ShardSpec
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
@@ -94,24 +95,20 @@ def convert(
     src, out = Path(src), Path(out)
     config = load_config(src)
     config.check_tp_size(tp_size)
-    if (src / MANIFEST_NAME).exists():
-        raise ShardstateError(
-            "SRC is a sharded state; resharding is not built yet", src, "convert from the HF checkpoint"
-        )
     torch_dtype = resolve_dtype(dtype, config, src)
     specs = build_on_meta(config, TPGroup(0, tp_size), torch_dtype).shard_specs()
     scales = [OutTensor(n, torch.float32, ()) for n in vllm_scale_names(config.num_hidden_layers)]
     parts = split_into_parts([OutTensor(n, torch_dtype, s.local_shape()) for n, s in specs.items()] + scales,
                              max_part_bytes)
     with staged_output(out, force) as tmp, ReadAccount() as account:
-        checkpoint = open_checked(specs, src, account)
+        source: TensorSource = (
+            ShardedSource(src, config, account) if (src / MANIFEST_NAME).is_file()
+            else CheckpointSource(src, specs, account)
+        )
         writers = [RankWriter(tmp, rank, parts, PP1_PATTERN) for rank in range(tp_size)]
         try:
             for name, spec in specs.items():
-                sources = {}
-                for part in spec.parts:
-                    file, entry = checkpoint.tensors[part.source].file, checkpoint.tensors[part.source].entry
-                    sources[part.source] = account.read_tensor(file, entry.begin, entry.dtype, entry.shape)
+                sources = source.tensors_for(name, spec)
                 for rank, writer in enumerate(writers):
                     writer.write(name, spec.take(rank, sources, torch_dtype))
             one = torch.ones((), dtype=torch.float32)
@@ -124,7 +121,7 @@ def convert(
                 writer.abort()
         manifest = Manifest(
             tp_size, config.architecture, config.fingerprint, DTYPE_NAMES[torch_dtype],
-            [{"name": h.path.name, "size": h.path.stat().st_size} for h in checkpoint.headers],
+            [{"name": f.name, "size": f.stat().st_size} for f in source.files],
         )
         for rank, writer in enumerate(writers):
             manifest.files.update(writer.files)

@@ -103,6 +103,12 @@ class ShardSpec:
             out.narrow(0, c.dst_row, c.rows).copy_(sources[c.source].narrow(c.dim, c.start, c.stop - c.start))
         return out
 
+    def put(self, rank: int, local: torch.Tensor, into: Mapping[str, torch.Tensor]) -> None:
+        """The inverse of `take`: write the rank's tensor back into the whole source tensors (resharding:
+        after every rank's `put`, every source element is filled)."""
+        for c in self.copies(rank):
+            into[c.source].narrow(c.dim, c.start, c.stop - c.start).copy_(local.narrow(0, c.dst_row, c.rows))
+
     def covers_all_rows(self, rank: int) -> bool:
         """False when padding leaves rows that must be zero-filled."""
         return sum(c.rows for c in self.copies(rank)) == self.local_shape()[0]
