@@ -133,3 +133,32 @@ def test_reshard_equals_direct_convert(checkpoints, tmp_path, name, saved_tp, ta
     assert manifest["tp_size"] == target_tp
     assert sorted(s["name"] for s in manifest["source"]) == sorted(p.name for p in saved.glob("*.safetensors"))
     assert manifest["files"] == json.loads((tmp_path / "direct" / "shardstate.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("tp", [1, 2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda tp: f"tp{tp}")
+def test_save_from_live_workers_equals_convert(checkpoints, tmp_path, tp):
+    """The vLLM PR #4690 flow (load, then every rank dumps its live state) writes byte-identical rank
+    files to the offline converter's, and the saved directory loads back to the same model."""
+    src = checkpoints["mha_tied"]
+    saved, direct = tmp_path / "saved", tmp_path / "direct"
+    with LLM(src, tensor_parallel_size=tp, load_format="sliced") as llm:
+        files = llm.save_sharded_state(saved, max_size=60_000)
+        live_states = llm.rank_state_dicts()
+        live_tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+    assert files == convert(src, direct, tp, max_part_bytes=60_000).files
+    for file in files:
+        assert (saved / file).read_bytes() == (direct / file).read_bytes(), file
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in direct.iterdir())
+    with LLM(saved, tensor_parallel_size=tp) as llm:
+        assert llm.load_reports[0].files[0].startswith(str(saved / "model-rank-0-part-"))
+        for state, live in zip(llm.rank_state_dicts(), live_states, strict=True):
+            assert_states_equal(state, live)
+        assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)] == live_tokens
+
+
+def test_save_cli(checkpoints, tmp_path):
+    result = shardstate("save", str(checkpoints["gqa_untied"]), str(tmp_path / "out"), "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "shardstate.json").read_text())
+    assert sorted(manifest["files"]) == ["model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
+    assert (tmp_path / "out" / "generation_config.json").is_file()

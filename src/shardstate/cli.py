@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def run_convert(args: argparse.Namespace) -> None:
           f"{report.seconds:.2f}s ({rate:.2f} GB/s read+write)")
 
 
+def run_save(args: argparse.Namespace) -> None:
+    from shardstate.runtime.llm import LLM
+
+    start = time.perf_counter()
+    with LLM(args.src, args.tp, args.load_format, args.dtype) as llm:
+        files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force)
+    print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstate", description="Load LLMs into tensor-parallel workers fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument("--json", action="store_true")
+
+    save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")
+    save.add_argument("src", type=Path)
+    save.add_argument("out", type=Path)
+    save.add_argument("--tp", type=int, required=True)
+    save.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
+    save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
+    save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
+    save.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     gen = commands.add_parser("generate", help="load MODEL on TP workers and generate greedily")
     gen.add_argument("model", type=Path, help="Hugging Face model directory")
@@ -113,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_generate(args, parser)
         elif args.command == "convert":
             run_convert(args)
+        elif args.command == "save":
+            run_save(args)
         elif args.command == "demo":
             from shardstate.demo import run_demo
 

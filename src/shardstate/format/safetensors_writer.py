@@ -18,6 +18,7 @@ from shardstate.io.reader import byte_view
 
 ALIGNMENT = 8  # safetensors pads the header so the data section starts 8-byte aligned
 WRITE_BUFFER = 16 << 20
+WRITER_METADATA = {"format": "pt", "writer": "shardstate"}  # tells our files from vLLM's (which have none)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class RankWriter:
         self._close_part()
         self._part += 1
         name, tensors = self._pending[self._part]
-        plan = layout(tensors)
+        plan = layout(tensors, WRITER_METADATA)
         self.files[name] = {"rank": self._rank, "part": self._part, "size": plan.size}
         self._file = open(self._directory / name, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115 (closed in _close_part)
         self._crc = 0

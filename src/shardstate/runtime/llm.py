@@ -13,11 +13,16 @@ from typing import Any
 import torch
 
 from shardstate.config import load_config
+from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
+from shardstate.format.checkpoint import find_weight_files
+from shardstate.format.manifest import PP1_PATTERN
 from shardstate.loaders import LoadReport, resolve_load_format
-from shardstate.runtime.distributed import free_port
+from shardstate.models import build_on_meta
+from shardstate.runtime.distributed import TPGroup, free_port
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
+from shardstate.state_writer import StatePlan, check_pattern, complete_state, staged_output
 
 
 class LLM:
@@ -36,6 +41,7 @@ class LLM:
         self.config.check_tp_size(tensor_parallel_size)
         resolve_load_format(load_format, self.model_dir)
         self.tp_size = tensor_parallel_size
+        self._dtype = dtype
         self.prompts = PromptCodec(self.model_dir, self.config)
         args = WorkerArgs(str(self.model_dir), load_format, dtype)
         context = mp.get_context("spawn")
@@ -101,6 +107,24 @@ class LLM:
         eos = () if ignore_eos else self.config.eos_token_ids
         generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos)[0]
         return self.prompts.outputs(ids, generation)
+
+    def save_sharded_state(
+        self, path: str | os.PathLike[str], pattern: str | None = None, max_size: int = 5 << 30, force: bool = False
+    ) -> list[str]:
+        """Each worker writes its own live parameters to `path` (vLLM's file pattern by default, parts
+        rolling over at `max_size` bytes); the manifest goes last and the directory appears atomically.
+        Returns the file names written."""
+        pattern = check_pattern(pattern or PP1_PATTERN)
+        out = Path(path)
+        with staged_output(out, force) as tmp:
+            rank_files = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size)
+            files = {name: record for records in rank_files for name, record in records.items()}
+            dtype = resolve_dtype(self._dtype, self.config, self.model_dir)
+            specs = build_on_meta(self.config, TPGroup(0, self.tp_size), dtype).shard_specs()
+            plan = StatePlan.make(specs, dtype, self.config.num_hidden_layers, max_size, pattern)
+            sources = find_weight_files(self.model_dir)
+            complete_state(tmp, self.model_dir, self.config, self.tp_size, plan, files, sources)
+        return sorted(files)
 
     def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every rank's parameters by vLLM name (copies), for checks across load paths."""

@@ -7,6 +7,7 @@ import os
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup, device_for, init_group
 from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.layers import materialize
+from shardstate.state_writer import StatePlan
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class WorkerArgs:
 
 class Worker:
     def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int):
-        config = load_config(args.model_dir)
+        config = self.config = load_config(args.model_dir)
+        self.rank = group.rank
         dtype = resolve_dtype(args.dtype, config, args.model_dir)
         self.model = build_on_meta(config, group, dtype)
         materialize(self.model, torch.device("cpu"))
@@ -41,6 +44,20 @@ class Worker:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
+
+    def save(self, directory: str, pattern: str, max_part_bytes: int) -> dict[str, dict]:
+        """Write this rank's live parameters (each distinct tensor once) as its part files; return their
+        manifest records."""
+        dtype = next(self.model.parameters()).dtype
+        plan = StatePlan.make(self.model.shard_specs(), dtype, self.config.num_hidden_layers, max_part_bytes, pattern)
+        writer = plan.writer(Path(directory), self.rank)
+        try:
+            for name, param in self.model.named_parameters():
+                writer.write(name, param.detach().cpu())
+            plan.finish(writer)
+        finally:
+            writer.abort()
+        return writer.files
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters()}
