@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import PROMPTS
 from shardstate import LLM
@@ -85,6 +85,17 @@ def damaged(sharded_tp2: Path, tmp_path: Path, damage) -> Path:
     return copy
 
 
+def rewrite_rank0(edit):
+    def damage(directory: Path) -> None:
+        path = directory / "model-rank-0-part-0.safetensors"
+        save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+
+    return damage
+
+
+QKV = "model.layers.0.self_attn.qkv_proj.weight"
+
+
 def edit_config(directory: Path) -> None:
     config = json.loads((directory / "config.json").read_text())
     config["rms_norm_eps"] = 1e-3
@@ -99,6 +110,19 @@ def edit_config(directory: Path) -> None:
         ("missing manifest", "2", lambda d: (d / "shardstate.json").unlink(), "no shardstate.json"),
         ("different config", "2", edit_config, "config.json differs"),
         ("wrong dtype", "2", None, "saved as F32, running BF16"),
+        ("partial manifest", "2", lambda d: (d / "shardstate.json").write_text('{"format": "shards'),
+         "unreadable manifest"),
+        ("future manifest version", "2", lambda d: (d / "shardstate.json").write_text(
+            json.dumps({**json.loads((d / "shardstate.json").read_text()), "version": 99})),
+         "manifest version 99, this shardstate reads version 1"),
+        ("extra key", "2", rewrite_rank0(lambda st: {**st, "model.extra.weight": torch.zeros(2)}),
+         "unexpected tensor 'model.extra.weight'"),
+        ("missing key", "2", rewrite_rank0(lambda st: {k: v for k, v in st.items() if k != QKV}),
+         f"rank 0 lacks tensor '{QKV}'"),
+        ("wrong shape in file", "2", rewrite_rank0(lambda st: {**st, QKV: st[QKV][:-1].contiguous()}),
+         f"tensor '{QKV}' is F32[63, 64], the model needs F32[64, 64]"),
+        ("wrong dtype in file", "2", rewrite_rank0(lambda st: {**st, QKV: st[QKV].half()}),
+         f"tensor '{QKV}' is F16[64, 64], the model needs F32[64, 64]"),
     ],
 )
 def test_sharded_load_refusals(sharded_tp2, tmp_path, case, tp, damage, expected):
@@ -162,3 +186,26 @@ def test_save_cli(checkpoints, tmp_path):
     manifest = json.loads((tmp_path / "out" / "shardstate.json").read_text())
     assert sorted(manifest["files"]) == ["model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors"]
     assert (tmp_path / "out" / "generation_config.json").is_file()
+
+
+def test_inspect_and_verify(sharded_tp2, tmp_path):
+    info = json.loads(shardstate("inspect", str(sharded_tp2), "--json").stdout)
+    assert (info["tp_size"], info["architecture"], info["dtype"]) == (2, "LlamaForCausalLM", "F32")
+    assert [r["files"][0]["name"] for r in info["ranks"]] == [f"model-rank-{r}-part-0.safetensors" for r in (0, 1)]
+    assert info["total_bytes"] == sum(f.stat().st_size for f in sharded_tp2.glob("*.safetensors"))
+    clean = shardstate("verify", str(sharded_tp2), "--json")
+    assert clean.returncode == 0 and json.loads(clean.stdout)["ok"] is True
+
+    def flip_byte(directory: Path) -> None:
+        path = directory / "model-rank-1-part-0.safetensors"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+
+    bad = damaged(sharded_tp2, tmp_path, flip_byte)
+    result = shardstate("verify", str(bad), "--json")
+    assert result.returncode == 1
+    files = {f["name"]: f for f in json.loads(result.stdout)["files"]}
+    assert files["model-rank-0-part-0.safetensors"]["ok"] is True
+    assert "checksum" in files["model-rank-1-part-0.safetensors"]["problem"]
+    assert_one_error(result, "1 of 2 files failed verification (model-rank-1-part-0.safetensors)")

@@ -65,6 +65,37 @@ def run_save(args: argparse.Namespace) -> None:
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
 
+def run_inspect(args: argparse.Namespace) -> None:
+    from shardstate.state_info import inspect_state
+
+    info = inspect_state(args.dir)
+    if args.json:
+        print(json.dumps(info))
+        return
+    print(f"{args.dir}: {info['format']}, {info['architecture']}, {info['dtype']}, TP={info['tp_size']} "
+          f"PP={info['pp_size']}, {info['total_bytes'] / 1e6:.1f} MB")
+    for rank in info["ranks"]:
+        print(f"  rank {rank['rank']}: {rank['tensors']} tensors, {rank['bytes'] / 1e6:.1f} MB")
+        for file in rank["files"]:
+            print(f"    {file['name']}  {file['size']} bytes")
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    from shardstate.state_info import verify_state
+
+    checks = verify_state(args.dir)
+    bad = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps({"ok": not bad, "files": [c.to_json() for c in checks]}))
+    else:
+        for check in checks:
+            print(f"{'ok ' if check.ok else 'BAD'} {check.name}" + (f": {check.problem}" if check.problem else ""))
+    if bad:
+        names = ", ".join(c.name for c in bad)
+        raise ShardstateError(f"{len(bad)} of {len(checks)} files failed verification ({names})", args.dir,
+                              "re-create the sharded state")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstate", description="Load LLMs into tensor-parallel workers fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
     save.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
+    checks = (("inspect", "what a sharded state holds"), ("verify", "check every file against the manifest"))
+    for command, text in checks:
+        sub = commands.add_parser(command, help=text)
+        sub.add_argument("dir", type=Path)
+        sub.add_argument("--json", action="store_true")
+
     gen = commands.add_parser("generate", help="load MODEL on TP workers and generate greedily")
     gen.add_argument("model", type=Path, help="Hugging Face model directory")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun: the world size)")
@@ -105,11 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def run_generate(args: argparse.Namespace) -> None:
     from shardstate.runtime.distributed import torchrun_env
 
-    if not args.prompts:
-        parser.error("generate needs at least one --prompt or --prompt-ids")
     if torchrun_env() is not None:
         from shardstate.runtime.torchrun import generate_under_torchrun
 
@@ -124,20 +159,29 @@ def run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         print_generation(outputs, llm.load_reports, args.json)
 
 
+def run_demo(args: argparse.Namespace) -> None:
+    from shardstate.demo import run_demo
+
+    run_demo(args.max_new_tokens)
+
+
+COMMANDS = {
+    "demo": run_demo,
+    "convert": run_convert,
+    "save": run_save,
+    "inspect": run_inspect,
+    "verify": run_verify,
+    "generate": run_generate,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "generate" and not args.prompts:
+        parser.error("generate needs at least one --prompt or --prompt-ids")
     try:
-        if args.command == "generate":
-            run_generate(args, parser)
-        elif args.command == "convert":
-            run_convert(args)
-        elif args.command == "save":
-            run_save(args)
-        elif args.command == "demo":
-            from shardstate.demo import run_demo
-
-            run_demo(args.max_new_tokens)
+        COMMANDS[args.command](args)
     except ShardstateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
