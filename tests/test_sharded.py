@@ -209,3 +209,24 @@ def test_inspect_and_verify(sharded_tp2, tmp_path):
     assert files["model-rank-0-part-0.safetensors"]["ok"] is True
     assert "checksum" in files["model-rank-1-part-0.safetensors"]["problem"]
     assert_one_error(result, "1 of 2 files failed verification (model-rank-1-part-0.safetensors)")
+
+
+def strip_to_vllm_layout(directory: Path) -> None:
+    """What vLLM's save_sharded_state leaves: the rank files with no shardstate metadata, no manifest."""
+    (directory / "shardstate.json").unlink()
+    for path in directory.glob("model-rank-*.safetensors"):
+        save_file(load_file(path), path)
+
+
+def test_vllm_layout_without_manifest_loads_at_its_tp_with_a_warning(checkpoints, sharded_tp2, tmp_path):
+    legacy = damaged(sharded_tp2, tmp_path, strip_to_vllm_layout)
+    args = ["--prompt-ids", "1,5,9,33,7,120", "--max-new-tokens", "5", "--ignore-eos", "--json"]
+    result = shardstate("generate", str(legacy), "--tp", "2", *args)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "integrity cannot be checked" in result.stderr
+    reference = shardstate("generate", str(checkpoints["gqa_untied"]), "--tp", "2", *args)
+    assert json.loads(result.stdout)["outputs"] == json.loads(reference.stdout)["outputs"]
+    assert_one_error(shardstate("generate", str(legacy), "--tp", "1", *args), "saved for TP=2, running TP=1")
+    # and it can be resharded into a verified sharded state
+    assert shardstate("convert", str(legacy), str(tmp_path / "tp1"), "--tp", "1").returncode == 0
+    assert shardstate("verify", str(tmp_path / "tp1")).returncode == 0

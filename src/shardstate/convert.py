@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
-from shardstate.format.manifest import MANIFEST_NAME
+from shardstate.format.sharded_state import is_sharded_state
 from shardstate.io.reader import ReadAccount
 from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup
@@ -46,7 +46,7 @@ def convert(
     plan = StatePlan.make(specs, torch_dtype, config.num_hidden_layers, max_part_bytes)
     with staged_output(out, force) as tmp, ReadAccount() as account:
         source: TensorSource = (
-            ShardedSource(src, config, account) if (src / MANIFEST_NAME).is_file()
+            ShardedSource(src, config, account) if is_sharded_state(src)
             else CheckpointSource(src, specs, account)
         )
         writers = [plan.writer(tmp, rank) for rank in range(tp_size)]

@@ -9,7 +9,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import open_checkpoint
-from shardstate.format.manifest import MANIFEST_NAME, read_manifest
+from shardstate.format.sharded_state import is_sharded_state, open_sharded_state
 
 if TYPE_CHECKING:
     from shardstate.config import ModelConfig
@@ -36,11 +36,12 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def resolve_dtype(requested: str | None, config: ModelConfig, model_dir: str | Path) -> torch.dtype:
-    """What was asked for; else a sharded state's dtype; else config.json's; else the weights'."""
+    """What was asked for; else a sharded state's dtype (manifest, or a vLLM directory's weights); else
+    config.json's; else the weights'."""
     if requested and requested != "auto":
         return parse_dtype(requested)
-    if (Path(model_dir) / MANIFEST_NAME).is_file():  # a sharded state holds exactly one dtype
-        return parse_dtype(read_manifest(Path(model_dir)).dtype)
+    if is_sharded_state(Path(model_dir)):  # a sharded state holds exactly one dtype
+        return open_sharded_state(Path(model_dir), allow_legacy=True).dtype
     if config.dtype is not None:
         return config.dtype
     for header in open_checkpoint(model_dir).headers:

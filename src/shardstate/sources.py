@@ -9,8 +9,7 @@ from typing import Protocol
 import torch
 
 from shardstate.config import ModelConfig
-from shardstate.format.safetensors_header import DTYPES
-from shardstate.format.sharded_state import index_rank, open_sharded_state
+from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked
 from shardstate.models import build_on_meta
@@ -46,13 +45,15 @@ class ShardedSource:
     the TP size it was saved at."""
 
     def __init__(self, root: Path, config: ModelConfig, account: ReadAccount):
-        state = open_sharded_state(root)
-        self.dtype = DTYPES[state.manifest.dtype]
-        self.tp_size = state.manifest.tp_size
+        state = open_sharded_state(root, allow_legacy=True)
+        if state.manifest is None:
+            warn_legacy(state)
+        self.dtype = state.dtype
+        self.tp_size = state.tp_size
         self.specs = build_on_meta(config, TPGroup(0, self.tp_size), self.dtype).shard_specs()
         needs = {name: (spec.local_shape(), self.dtype) for name, spec in self.specs.items()}
         self.locations = [index_rank(state, rank, needs, account) for rank in range(self.tp_size)]
-        self.files = [root / name for name in sorted(state.manifest.files)]
+        self.files = [path for rank in range(self.tp_size) for path in state.rank_paths(rank)]
         self.account = account
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:

@@ -19,13 +19,8 @@ from shardstate.format.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from shardstate.format.manifest import MANIFEST_NAME, PP1_PATTERN, Manifest, write_manifest
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import OutTensor, RankWriter, split_into_parts
+from shardstate.format.sharded_state import vllm_scale_names
 from shardstate.spec import ShardSpec
-
-VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
-
-
-def vllm_scale_names(num_layers: int) -> list[str]:
-    return [f"model.layers.{n}.self_attn.attn.{s}" for n in range(num_layers) for s in VLLM_SCALES]
 
 
 def check_pattern(pattern: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from shardstate.errors import ShardstateError
-from shardstate.format.manifest import MANIFEST_NAME
+from shardstate.format.sharded_state import is_sharded_state
 from shardstate.loaders.base import LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
 from shardstate.loaders.sharded import load_sharded
@@ -19,9 +19,9 @@ LOAD_FORMATS = ("auto", *LOADERS)
 
 
 def resolve_load_format(load_format: str, model_dir: str | Path) -> str:
-    """`auto`: sharded when MODEL is a sharded state (has a manifest), else default."""
+    """`auto`: sharded when MODEL is a sharded state (a manifest, or vLLM's rank files), else default."""
     if load_format == "auto":
-        return "sharded" if (Path(model_dir) / MANIFEST_NAME).is_file() else "default"
+        return "sharded" if is_sharded_state(Path(model_dir)) else "default"
     if load_format not in LOADERS:
         raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOAD_FORMATS)}")
     return load_format
