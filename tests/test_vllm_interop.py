@@ -29,7 +29,8 @@ def vllm(*args: str, keep_weights: bool = False) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(KEEPWEIGHTS), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, str(PEER), *args], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith('{"')]  # vLLM logs to stdout too
+    return json.loads(line)
 
 
 def prompt_args() -> list[str]:

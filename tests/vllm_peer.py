@@ -46,6 +46,7 @@ def main() -> None:
         print(json.dumps({"outputs": [list(o.outputs[0].token_ids) for o in outputs]}))
     else:
         out = Path(args.out)
+        out.mkdir(parents=True)  # vLLM writes into an existing directory
         llm.llm_engine.engine_core.save_sharded_state(path=str(out))
         for path in Path(args.model).iterdir():  # vLLM writes only the weights
             if path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
