@@ -46,7 +46,8 @@ def parse_size(text: str) -> int:
 def run_convert(args: argparse.Namespace) -> None:
     from shardstate.convert import convert
 
-    report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force)
+    report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force,
+                     show_progress=False if args.json else None)
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
         return

@@ -16,6 +16,7 @@ from shardstate.dtypes import resolve_dtype
 from shardstate.format.sharded_state import is_sharded_state
 from shardstate.io.reader import ReadAccount
 from shardstate.models import build_on_meta
+from shardstate.progress import Progress
 from shardstate.runtime.distributed import TPGroup
 from shardstate.sources import CheckpointSource, ShardedSource, TensorSource
 from shardstate.state_writer import StatePlan, complete_state, staged_output
@@ -36,7 +37,9 @@ def convert(
     dtype: str | None = None,
     max_part_bytes: int = 5 << 30,
     force: bool = False,
+    show_progress: bool | None = None,
 ) -> ConvertReport:
+    """`show_progress` None: a progress line on stderr when it is a terminal."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     config = load_config(src)
@@ -50,14 +53,17 @@ def convert(
             else CheckpointSource(src, specs, account)
         )
         writers = [plan.writer(tmp, rank) for rank in range(tp_size)]
+        progress = Progress(f"convert to TP={tp_size}", sum(f.stat().st_size for f in source.files), show_progress)
         try:
             for name, spec in specs.items():
                 sources = source.tensors_for(name, spec)
                 for rank, writer in enumerate(writers):
                     writer.write(name, spec.take(rank, sources, torch_dtype))
+                progress.update(account.bytes_read)
             for writer in writers:
                 plan.finish(writer)
         finally:
+            progress.close()
             for writer in writers:
                 writer.abort()
         files = {name: record for writer in writers for name, record in writer.files.items()}
