@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
+from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LOAD_FORMATS
 
 
@@ -61,7 +62,7 @@ def run_save(args: argparse.Namespace) -> None:
     from shardstate.runtime.llm import LLM
 
     start = time.perf_counter()
-    with LLM(args.src, args.tp, args.load_format, args.dtype) as llm:
+    with LLM(args.src, args.tp, args.load_format, args.dtype, args.io, args.io_threads) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force)
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
@@ -97,6 +98,12 @@ def run_verify(args: argparse.Namespace) -> None:
                               "re-create the sharded state")
 
 
+def add_io_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--io", choices=IO_MODES, default="read",
+                        help="sharded loads: read (default), mmap (alias the page cache), direct (O_DIRECT)")
+    parser.add_argument("--io-threads", type=int, default=1, metavar="N", help="parallel reads per rank")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstate", description="Load LLMs into tensor-parallel workers fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
     save.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_io_options(save)
 
     checks = (("inspect", "what a sharded state holds"), ("verify", "check every file against the manifest"))
     for command, text in checks:
@@ -137,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     gen.add_argument("--prompt", dest="prompts", action=_AppendPrompt, help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, metavar="1,2,3", help="token ids")
+    add_io_options(gen)
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -155,7 +164,7 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     from shardstate.runtime.llm import LLM
 
-    with LLM(args.model, args.tp, args.load_format, args.dtype) as llm:
+    with LLM(args.model, args.tp, args.load_format, args.dtype, args.io, args.io_threads) as llm:
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
 

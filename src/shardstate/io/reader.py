@@ -21,29 +21,32 @@ class ReadAccount:
     """Open files once, pread into caller memory, and count files and bytes for the load report."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[tuple[Path, int], int] = {}
         self.files: list[str] = []  # every file opened, in order
         self.bytes_read = 0
+        self.bytes_mapped = 0  # --io mmap: mapped now, read by the kernel when first touched
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
+    def open_fd(self, path: Path, flags: int = 0) -> int:
+        """The file opened read-only (plus `flags`, e.g. O_DIRECT), once; closed by `close`."""
+        fd = self._fds.get((path, flags))
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | flags)
             except OSError as exc:
                 raise ShardstateError(f"cannot open ({exc.strerror})", path, "check the file exists") from None
-            self._fds[path] = fd
-            self.files.append(str(path))
+            self._fds[path, flags] = fd
+            if str(path) not in self.files:
+                self.files.append(str(path))
         return fd
 
     def note_header(self, path: Path, nbytes: int) -> None:
         """Count a header read elsewhere (format.read_header) against this file."""
-        self._fd(path)
+        self.open_fd(path)
         self.bytes_read += nbytes
 
     def read_into(self, path: Path, offset: int, dest: memoryview) -> None:
         """Fill `dest` from `path` at `offset` exactly; a short file is an error, not zeros."""
-        fd = self._fd(path)
+        fd = self.open_fd(path)
         done = 0
         while done < len(dest):
             n = os.preadv(fd, [dest[done:]], offset + done)

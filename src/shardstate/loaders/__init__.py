@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from shardstate.errors import ShardstateError
 from shardstate.format.sharded_state import is_sharded_state
-from shardstate.loaders.base import LoadReport, LoadTarget
+from shardstate.loaders.base import IOOptions, LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
 from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
@@ -27,12 +28,16 @@ def resolve_load_format(load_format: str, model_dir: str | Path) -> str:
     return load_format
 
 
-def load_weights(load_format: str, model: nn.Module, model_dir: str | Path, rank: int) -> LoadReport:
+def load_weights(
+    load_format: str, model: nn.Module, model_dir: str | Path, rank: int, io: IOOptions | None = None
+) -> LoadReport:
     """Fill `model`'s materialised parameters from `model_dir` with the named strategy; time it."""
     loader = LOADERS[resolve_load_format(load_format, model_dir)]
     start = time.perf_counter()
-    account = loader(LoadTarget.of(model, rank), Path(model_dir))
-    return LoadReport(rank, time.perf_counter() - start, account.bytes_read, account.files)
+    account = loader(LoadTarget.of(model, rank, io), Path(model_dir))
+    seconds = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return LoadReport(rank, seconds, account.bytes_read, account.files, account.bytes_mapped, peak_rss)
 
 
-__all__ = ["LOADERS", "LOAD_FORMATS", "LoadReport", "load_weights", "resolve_load_format"]
+__all__ = ["LOADERS", "LOAD_FORMATS", "IOOptions", "LoadReport", "load_weights", "resolve_load_format"]

@@ -24,23 +24,33 @@ class LoadReport:
     seconds: float
     bytes_read: int
     files: list[str]
+    bytes_mapped: int = 0  # --io mmap: mapped, paged in on first use
+    peak_rss: int = 0  # bytes, this rank's process after loading
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 @dataclass(frozen=True)
+class IOOptions:
+    mode: str = "read"  # read | mmap | direct (io/engine.py)
+    threads: int = 1
+    device: str = "cpu"  # where the sharded loader puts parameters (cuda:N reads through pinned buffers)
+
+
+@dataclass(frozen=True)
 class LoadTarget:
-    """The rank's parameters (materialised, uninitialised) and the specs that say how to fill them."""
+    """The rank's parameters (materialised, uninitialised) and the specs that say how to fill them.
+    Loaders fill them in place, or (sharded) rebind them to views of the memory they read into."""
 
     rank: int
-    params: dict[str, torch.Tensor]
+    params: dict[str, nn.Parameter]
     specs: dict[str, ShardSpec]
+    io: IOOptions = IOOptions()
 
     @classmethod
-    def of(cls, model: nn.Module, rank: int) -> LoadTarget:
-        specs = model.shard_specs()
-        return cls(rank, {n: p.data for n, p in model.named_parameters()}, specs)
+    def of(cls, model: nn.Module, rank: int, io: IOOptions | None = None) -> LoadTarget:
+        return cls(rank, dict(model.named_parameters()), model.shard_specs(), io or IOOptions())
 
     @property
     def tp_size(self) -> int:

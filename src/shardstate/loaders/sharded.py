@@ -1,15 +1,19 @@
-"""`sharded`: each rank opens only its own files of a sharded state and reads every tensor straight
-into its parameter. Everything is checked against the manifest and the model before a weight is read.
-A vLLM-written directory (no manifest) loads at its own TP size with the same strict key/shape checks."""
+"""`sharded`: each rank opens only its own files of a sharded state and reads them into memory that its
+parameters become views of (io/engine.py: read, mmap or direct). Everything is checked against the
+manifest and the model before a weight is read. A vLLM-written directory (no manifest) loads at its own
+TP size with the same strict key/shape checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from shardstate.errors import ShardstateError
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
-from shardstate.io.reader import ReadAccount, byte_view
+from shardstate.io.engine import Span, read_spans, read_spans_to_device
+from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
 
 
@@ -33,6 +37,27 @@ def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
     needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}
     with ReadAccount() as account:
         locations = index_rank(state, target.rank, needs, account)
-        for name, location in sorted(locations.items(), key=lambda item: (str(item[1].file), item[1].entry.begin)):
-            account.read_into(location.file, location.entry.begin, byte_view(target.params[name]))
+        by_file: dict[Path, list[str]] = {}
+        for name, location in locations.items():
+            by_file.setdefault(location.file, []).append(name)
+        # One span per file, from its first to its last needed byte (vLLM's trailing scales left out).
+        spans = [
+            Span(path, min(locations[n].entry.begin for n in names), max(locations[n].entry.end for n in names))
+            for path, names in sorted(by_file.items())
+        ]
+        io = target.io
+        if io.device != "cpu" and io.mode == "read":
+            memory = read_spans_to_device(spans, torch.device(io.device), account)
+        else:
+            memory = read_spans(spans, io.mode, account, io.threads)
+        for span, data in zip(spans, memory, strict=True):
+            for name in by_file[span.path]:
+                entry = locations[name].entry
+                raw = data[entry.begin - span.start : entry.end - span.start]
+                param = target.params[name]
+                if raw.storage_offset() % entry.dtype.itemsize:  # misaligned in a foreign file: copy once
+                    param.data = torch.empty_like(param, device=raw.device)
+                    param.data.view(-1).view(torch.uint8).copy_(raw)
+                else:
+                    param.data = raw.view(entry.dtype).view(entry.shape)
     return account

@@ -17,6 +17,7 @@ from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
 from shardstate.format.manifest import PP1_PATTERN
+from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup, free_port
@@ -26,7 +27,7 @@ from shardstate.state_writer import StatePlan, check_pattern, complete_state, st
 
 
 class LLM:
-    """`LLM(model_dir, tensor_parallel_size=2, load_format="sliced")` spawns one process per rank
+    """`LLM(model_dir, tensor_parallel_size=2, load_format="sliced", io="read")` spawns one process per rank
     (gloo on CPU, NCCL with CUDA), loads the weights there and keeps the workers until `close()`."""
 
     def __init__(
@@ -35,6 +36,8 @@ class LLM:
         tensor_parallel_size: int = 1,
         load_format: str = "auto",
         dtype: str | None = None,
+        io: str = "read",
+        io_threads: int = 1,
     ):
         self.model_dir = Path(model)
         self.config = load_config(self.model_dir)
@@ -43,7 +46,9 @@ class LLM:
         self.tp_size = tensor_parallel_size
         self._dtype = dtype
         self.prompts = PromptCodec(self.model_dir, self.config)
-        args = WorkerArgs(str(self.model_dir), load_format, dtype)
+        if io not in IO_MODES:
+            raise ShardstateError(f"unknown I/O mode '{io}'", None, f"use one of {', '.join(IO_MODES)}")
+        args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
-from shardstate.loaders import load_weights
+from shardstate.loaders import IOOptions, load_weights
 from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup, device_for, init_group
 from shardstate.runtime.generate import Generation, greedy_generate
@@ -28,6 +28,8 @@ class WorkerArgs:
     model_dir: str
     load_format: str
     dtype: str | None  # None: the sharded state's, else config.json's, else the weights'
+    io_mode: str = "read"
+    io_threads: int = 1
 
 
 class Worker:
@@ -37,9 +39,10 @@ class Worker:
         dtype = resolve_dtype(args.dtype, config, args.model_dir)
         self.model = build_on_meta(config, group, dtype)
         materialize(self.model, torch.device("cpu"))
-        self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank)
         device = device_for(local_rank)
-        if device.type != "cpu":
+        io = IOOptions(args.io_mode, args.io_threads, str(device))
+        self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank, io)
+        if device.type != "cpu":  # no-op for parameters the sharded loader already put there
             self.model.to(device)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
