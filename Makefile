@@ -8,7 +8,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.shardstate-installed
 
-.PHONY: demo test test-vllm lint clean
+.PHONY: demo test test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ $(VLLM_STAMP): pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_interop.py
+
+# Load-time benchmark (~2.4 GB model made once); vLLM is measured too when .venv-vllm exists (make test-vllm).
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet $(FIND_LINKS) -e '.[dev,bench]'
+	$(BIN)/shardstate bench --out bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check

@@ -17,7 +17,7 @@ from shardstate.convert import convert
 from shardstate.synthetic import make_llama_checkpoint
 
 pytestmark = pytest.mark.vllm
-PEER = Path(__file__).with_name("vllm_peer.py")
+PEER = Path(__file__).resolve().parents[1] / "src" / "shardstate" / "benchmark" / "vllm_peer.py"
 KEEPWEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "peers" / "vllm-keepweights"
 PROMPTS = ["1,5,9,33,7,120", "4,100,2,8", "150"]
 BIN = Path(sys.executable).parent

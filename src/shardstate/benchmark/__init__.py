@@ -1,0 +1,176 @@
+"""`shardstate bench` / `make bench`: load times of every shardstate path and of peers on the same files,
+at several TP sizes, warm and cold page cache, in one run; JSON + markdown + PNG.
+
+Each measurement is the slowest rank's load time (loads start together), so GB/s is the rank bytes
+summed over ranks divided by that time. Peak RSS is each rank process's maximum after loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from shardstate.benchmark.cache import evict, resident_bytes
+from shardstate.benchmark.peers import transformers_tp_status, vllm_load
+from shardstate.benchmark.ranks import run_ranks
+from shardstate.benchmark.report import write_reports
+from shardstate.convert import convert
+from shardstate.format.sharded_state import open_sharded_state
+from shardstate.runtime.llm import LLM
+
+FULL_MODEL = {  # ~2.4 GB in bf16
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+}
+SMOKE_MODEL = {"vocab_size": 203, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
+PROMPT = [1, 2, 3, 4]
+SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads, on the sharded state?)
+    ("default", "default", "read", 1, False),
+    ("sliced", "sliced", "read", 1, False),
+    ("sharded read", "sharded", "read", 1, True),
+    ("sharded read 2 threads", "sharded", "read", 2, True),
+    ("sharded mmap", "sharded", "mmap", 1, True),
+    ("sharded direct", "sharded", "direct", 1, True),
+]
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def ensure_model(root: Path, smoke: bool) -> Path:
+    from shardstate.synthetic import make_llama_checkpoint
+
+    target = root / ("smoke-llama" if smoke else "bench-llama-2.4gb")
+    if not (target / "config.json").is_file():
+        say(f"creating {target.name} (transformers, random bf16 weights, seed 0) ...")
+        partial = target.with_name(target.name + ".partial")
+        make_llama_checkpoint(partial, seed=0, dtype=torch.bfloat16, initializer_range=0.02,
+                              **(SMOKE_MODEL if smoke else FULL_MODEL))
+        partial.rename(target)
+    return target
+
+
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def rank_files(sharded: Path) -> list[list[Path]]:
+    state = open_sharded_state(sharded)
+    return [state.rank_paths(rank) for rank in range(state.tp_size)]
+
+
+def raw_copy_seconds(source_files: list[Path], out_dir: Path) -> tuple[float, float]:
+    """Plain read of the source and plain write of as many bytes (fsynced): the converter's yardstick."""
+    start = time.perf_counter()
+    total = 0
+    for file in source_files:
+        with open(file, "rb", buffering=0) as f:
+            while block := f.read(16 << 20):
+                total += len(block)
+    read_s = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "raw-write.bin"
+    block = bytes(16 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(0, total, len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - start
+    path.unlink()
+    return read_s, write_s
+
+
+def summarize(per_rank: list[dict]) -> dict:
+    seconds = max(r["seconds"] for r in per_rank)
+    total = sum(r["bytes_read"] for r in per_rank)
+    return {"seconds": seconds, "bytes_read": total, "gb_per_s": total / seconds / 1e9 if seconds else None,
+            "per_rank": per_rank}
+
+
+def shardstate_run(model_dir: Path, tp: int, load_format: str, io: str, threads: int) -> dict:
+    with LLM(model_dir, tensor_parallel_size=tp, load_format=load_format, io=io, io_threads=threads) as llm:
+        (output,) = llm.generate([PROMPT], max_new_tokens=2, ignore_eos=True)
+        reports = [
+            {"rank": r.rank, "seconds": r.seconds, "bytes_read": r.bytes_read or r.bytes_mapped,
+             "peak_rss": r.peak_rss} for r in llm.load_reports
+        ]
+    return {**summarize(reports), "tokens": output.token_ids}
+
+
+def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tuple[int, ...] = (1, 2, 4),
+              vllm_python: Path | None = None) -> dict:
+    model_dir = ensure_model(cache_root, smoke)
+    source_files = weight_files(model_dir)
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "model": {"path": str(model_dir), "bytes": sum(f.stat().st_size for f in source_files)},
+        "convert": [], "runs": [],
+    }
+    sharded: dict[int, Path] = {}
+    for tp in tp_sizes:
+        sharded[tp] = cache_root / f"{model_dir.name}-tp{tp}"
+        evict(source_files)
+        report = convert(model_dir, sharded[tp], tp, force=True, show_progress=False)
+        evict(source_files)
+        raw_read, raw_write = raw_copy_seconds(source_files, cache_root)
+        yardstick = raw_read + raw_write * report.bytes_written / max(report.bytes_read, 1)
+        results["convert"].append({"tp": tp, "seconds": report.seconds, "bytes_read": report.bytes_read,
+                                   "bytes_written": report.bytes_written, "raw_read_seconds": raw_read,
+                                   "raw_write_seconds": raw_write, "ratio_to_raw": yardstick / report.seconds})
+        say(f"convert TP={tp}: {report.seconds:.2f}s ({yardstick / report.seconds:.2f}x raw read+write)")
+    all_files = source_files + [f for tp in tp_sizes for f in weight_files(sharded[tp])]
+    for cache in ("warm", "cold"):
+        for tp in tp_sizes:
+            files_by_rank = rank_files(sharded[tp])
+
+            def prepare(files: list[Path], cache: str = cache) -> int | None:
+                if cache == "cold":
+                    evict(all_files)
+                else:  # warm: read once
+                    for f in files:
+                        with open(f, "rb", buffering=0) as handle:
+                            while handle.read(16 << 20):
+                                pass
+                return resident_bytes(files)
+
+            def record(name: str, result: dict, resident: int | None, tp: int = tp, cache: str = cache) -> None:
+                results["runs"].append({"name": name, "tp": tp, "cache": cache, "resident_before": resident,
+                                        **result})
+                rate = f" {result['gb_per_s']:.2f} GB/s" if result.get("gb_per_s") else ""
+                shown = f"{result['seconds']:.3f}s{rate}" if "seconds" in result else result.get("error", "")
+                say(f"[{cache} TP={tp}] {name}: {shown}")
+
+            for name, load_format, io, threads, on_sharded in SHARDSTATE_RUNS:
+                source = sharded[tp] if on_sharded else model_dir
+                resident = prepare(weight_files(source))
+                record(name, shardstate_run(source, tp, load_format, io, threads), resident)
+            resident = prepare([f for files in files_by_rank for f in files])
+            record("limit (readinto)", summarize(run_ranks("limit_read", files_by_rank)), resident)
+            resident = prepare([f for files in files_by_rank for f in files])
+            record("safetensors load_file+copy", summarize(run_ranks("safetensors_copy", files_by_rank,
+                                                                     str(sharded[tp]))), resident)
+            for name, source, load_format in (("vLLM sharded_state", sharded[tp], "sharded_state"),
+                                              ("vLLM default", model_dir, "auto")):
+                resident = prepare(weight_files(source))
+                if vllm_python is None:
+                    record(name, {"error": "not run: no vLLM (make test-vllm sets up .venv-vllm)"}, resident)
+                    continue
+                outcome = vllm_load(vllm_python, source, tp, load_format, "bfloat16")
+                if "seconds" in outcome:  # default: every rank reads everything; sharded: each its own
+                    nbytes = sum(f.stat().st_size for f in weight_files(source)) * (1 if source == sharded[tp] else tp)
+                    rate = nbytes / outcome["seconds"] / 1e9 if outcome["seconds"] else None  # logged to 0.01 s
+                    outcome = {**outcome, "bytes_read": nbytes, "gb_per_s": rate}
+                record(name, outcome, resident)
+            record("transformers tp_plan=auto", transformers_tp_status(), None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    write_reports(results, out_dir)
+    return results

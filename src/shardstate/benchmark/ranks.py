@@ -1,0 +1,85 @@
+"""Loads that run in one spawned process per rank, started together at a barrier and timed from it:
+the hardware limit (plain readinto of the rank's bytes into pre-faulted memory) and the safetensors
+peer (load_file, then copy into the model's parameters)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
+    import torch
+
+    total = sum(Path(f).stat().st_size for f in files)
+    memory = torch.empty(total, dtype=torch.uint8)
+    memory.zero_()  # pre-fault, untimed
+    view = memoryview(memory.numpy())
+    barrier.wait()
+    start = time.perf_counter()
+    done = 0
+    for file in files:
+        with open(file, "rb", buffering=0) as f:
+            while n := f.readinto(view[done:]):
+                done += n
+    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": done, "peak_rss": _peak_rss()}
+
+
+def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, model_dir: str) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    from shardstate.config import load_config
+    from shardstate.dtypes import resolve_dtype
+    from shardstate.models import build_on_meta
+    from shardstate.runtime.distributed import TPGroup
+    from shardstate.runtime.layers import materialize
+
+    config = load_config(model_dir)
+    model = build_on_meta(config, TPGroup(rank, tp_size), resolve_dtype(None, config, model_dir))
+    materialize(model, torch.device("cpu"))
+    params = dict(model.named_parameters())
+    barrier.wait()
+    start = time.perf_counter()
+    nbytes = 0
+    for file in files:
+        for name, tensor in load_file(file).items():
+            if name in params:
+                params[name].data.copy_(tensor)
+            nbytes += tensor.numel() * tensor.element_size()
+    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": nbytes, "peak_rss": _peak_rss()}
+
+
+def _child(fn: str, rank: int, tp_size: int, files: list[str], barrier: Any, queue: Any, extra: tuple) -> None:
+    try:
+        queue.put(globals()[fn](rank, tp_size, files, barrier, *extra))
+    except Exception as exc:
+        barrier.abort()
+        queue.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_ranks(fn: str, rank_files: list[list[Path]], *extra: Any) -> list[dict]:
+    """Run `fn` in one process per rank; each gets its own files; results in rank order."""
+    context = mp.get_context("spawn")
+    tp_size = len(rank_files)
+    barrier, queue = context.Barrier(tp_size), context.Queue()
+    procs = [
+        context.Process(target=_child, args=(fn, r, tp_size, [str(f) for f in files], barrier, queue, extra))
+        for r, files in enumerate(rank_files)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(errors[0])
+    return sorted(results, key=lambda r: r["rank"])
