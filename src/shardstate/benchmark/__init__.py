@@ -99,7 +99,7 @@ def shardstate_run(model_dir: Path, tp: int, load_format: str, io: str, threads:
     with LLM(model_dir, tensor_parallel_size=tp, load_format=load_format, io=io, io_threads=threads) as llm:
         (output,) = llm.generate([PROMPT], max_new_tokens=2, ignore_eos=True)
         reports = [
-            {"rank": r.rank, "seconds": r.seconds, "bytes_read": r.bytes_read or r.bytes_mapped,
+            {"rank": r.rank, "seconds": r.seconds, "bytes_read": r.bytes_read + r.bytes_mapped,
              "peak_rss": r.peak_rss} for r in llm.load_reports
         ]
     return {**summarize(reports), "tokens": output.token_ids}

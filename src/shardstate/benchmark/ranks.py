@@ -5,14 +5,11 @@ peer (load_file, then copy into the model's parameters)."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from shardstate.memory import peak_rss_bytes
 
 
 def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
@@ -29,7 +26,7 @@ def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
         with open(file, "rb", buffering=0) as f:
             while n := f.readinto(view[done:]):
                 done += n
-    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": done, "peak_rss": _peak_rss()}
+    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": done, "peak_rss": peak_rss_bytes()}
 
 
 def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, model_dir: str) -> dict:
@@ -54,7 +51,7 @@ def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, mo
             if name in params:
                 params[name].data.copy_(tensor)
             nbytes += tensor.numel() * tensor.element_size()
-    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": nbytes, "peak_rss": _peak_rss()}
+    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": nbytes, "peak_rss": peak_rss_bytes()}
 
 
 def _child(fn: str, rank: int, tp_size: int, files: list[str], barrier: Any, queue: Any, extra: tuple) -> None:

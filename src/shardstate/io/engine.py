@@ -4,8 +4,8 @@ back one uint8 tensor per span that parameters become views of (no per-tensor co
 Modes:
 - read   (default) one pre-faulted allocation for all spans, filled by big preadv chunks in file order,
          optionally from several threads (preadv releases the GIL);
-- mmap   each file mapped privately; parameters alias the page cache (instant start, pages shared
-         between ranks on one host, faulted in on first use);
+- mmap   each file mapped privately and its pages populated; parameters alias the page cache (no copy,
+         no zeroing; pages shared between ranks on one host; writes stay private);
 - direct O_DIRECT reads into page-aligned memory, bypassing the page cache.
 On a CUDA device, `read` goes through a small ring of pinned host buffers with asynchronous copies into
 one device allocation, overlapping disk reads with host-to-device copies; the same ring code runs on
@@ -14,6 +14,7 @@ the CPU (unpinned, synchronous) where no GPU is present.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,8 @@ IO_MODES = ("read", "mmap", "direct")
 CHUNK = 16 << 20
 PAGE = mmap.PAGESIZE
 DIRECT_ALIGN = 4096
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap module does not name it
+MADV_POPULATE_READ = 22  # Linux >= 5.14; Python 3.11's mmap module does not name them
+MADV_POPULATE_WRITE = 23
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,9 @@ def read_spans(spans: list[Span], mode: str, account: ReadAccount, threads: int 
 def _map_span(span: Span, account: ReadAccount) -> torch.Tensor:
     fd = account.open_fd(span.path)
     mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+    start = _align_down(span.start, PAGE)
+    with contextlib.suppress(OSError, ValueError):  # map the span's pages now (from disk if cold), so that
+        mapping.madvise(MADV_POPULATE_READ, start, span.end - start)  # "loaded" means resident
     account.bytes_mapped += span.size
     return torch.frombuffer(mapping, dtype=torch.uint8, offset=span.start, count=span.size)
 

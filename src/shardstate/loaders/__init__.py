@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from shardstate.loaders.base import IOOptions, LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
 from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
+from shardstate.memory import peak_rss_bytes
 
 LOADERS = {"default": load_default, "sliced": load_sliced, "sharded": load_sharded}
 LOAD_FORMATS = ("auto", *LOADERS)
@@ -36,7 +36,7 @@ def load_weights(
     start = time.perf_counter()
     account = loader(LoadTarget.of(model, rank, io), Path(model_dir))
     seconds = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     return LoadReport(rank, seconds, account.bytes_read, account.files, account.bytes_mapped, peak_rss)
 
 

@@ -41,6 +41,8 @@ class Worker:
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
         io = IOOptions(args.io_mode, args.io_threads, str(device))
+        if group.size > 1:
+            dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank, io)
         if device.type != "cpu":  # no-op for parameters the sharded loader already put there
             self.model.to(device)
