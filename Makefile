@@ -36,7 +36,6 @@ test-vllm: $(VLLM_STAMP)
 
 # Load-time benchmark (~2.4 GB model made once); vLLM is measured too when .venv-vllm exists (make test-vllm).
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet $(FIND_LINKS) -e '.[dev,bench]'
 	$(BIN)/shardstate bench --out bench
 
 lint: $(STAMP)
