@@ -20,6 +20,7 @@ from shardstate.format.manifest import MANIFEST_NAME, PP1_PATTERN, Manifest, wri
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import OutTensor, RankWriter, split_into_parts
 from shardstate.format.sharded_state import vllm_scale_names
+from shardstate.fsops import fsync_dir, publish
 from shardstate.spec import ShardSpec
 
 
@@ -84,28 +85,42 @@ class StatePlan:
         return records
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporary siblings of OUT left by writers that were killed (their pid no longer runs)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # someone else's live process
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of OUT to write into. On success it is fsynced and renamed to OUT (an existing
-    OUT, allowed by `force`, is moved aside first and removed after); on any error it is removed."""
+    """A temporary sibling of OUT to write into. On success it is fsynced and published atomically
+    (fsops.publish: OUT is never half-written, and with `force` never missing); on any error it is
+    removed, and a write error (full disk, file too large) becomes one clear ShardstateError."""
     if out.exists() and not force:
         raise ShardstateError("output exists", out, "pass --force to replace it")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_temporaries(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         yield tmp
-        dir_fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
+        fsync_dir(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ShardstateError(f"cannot write ({exc.strerror})", exc.filename or tmp,
+                              "check free space, file-size limits and permissions; nothing was published") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, out, replace=force)
 
 
 def complete_state(
