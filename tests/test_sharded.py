@@ -96,6 +96,12 @@ def rewrite_rank0(edit):
 QKV = "model.layers.0.self_attn.qkv_proj.weight"
 
 
+def link_outside(directory: Path, name: str) -> None:
+    outside = directory.parent / f"outside-{name}"
+    (directory / name).rename(outside)
+    (directory / name).symlink_to(outside)
+
+
 def edit_config(directory: Path) -> None:
     config = json.loads((directory / "config.json").read_text())
     config["rms_norm_eps"] = 1e-3
@@ -110,6 +116,8 @@ def edit_config(directory: Path) -> None:
         ("missing manifest", "2", lambda d: (d / "shardstate.json").unlink(), "no shardstate.json"),
         ("different config", "2", edit_config, "config.json differs"),
         ("wrong dtype", "2", None, "saved as F32, running BF16"),
+        ("symlink outside", "2", lambda d: link_outside(d, "model-rank-1-part-0.safetensors"),
+         "model-rank-1-part-0.safetensors leads outside the directory"),
         ("partial manifest", "2", lambda d: (d / "shardstate.json").write_text('{"format": "shards'),
          "unreadable manifest"),
         ("future manifest version", "2", lambda d: (d / "shardstate.json").write_text(

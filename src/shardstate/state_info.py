@@ -9,7 +9,7 @@ from pathlib import Path
 from shardstate.errors import ShardstateError
 from shardstate.format.manifest import FORMAT_NAME, FORMAT_VERSION
 from shardstate.format.safetensors_header import DTYPE_NAMES, read_header
-from shardstate.format.sharded_state import open_sharded_state
+from shardstate.format.sharded_state import check_inside, open_sharded_state
 
 CHUNK = 16 << 20
 
@@ -54,6 +54,10 @@ def _check_file(root: Path, name: str, record: dict, listed: dict[str, dict]) ->
     path = root / name
     if not path.is_file():
         return "missing"
+    try:
+        check_inside(path, root)
+    except ShardstateError as exc:
+        return exc.what
     size = path.stat().st_size
     if size != record["size"]:
         return f"size {size}, manifest says {record['size']}"

@@ -85,6 +85,13 @@ def open_sharded_state(root: Path, allow_legacy: bool = False) -> ShardedState:
     return ShardedState(root, None, len(legacy), dtypes[0] if dtypes else torch.float32, legacy)
 
 
+def check_inside(path: Path, root: Path) -> None:
+    """Refuse a file that is, or leads through a link to, something outside the directory."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ShardstateError(f"{path.name} leads outside the directory (to {path.resolve()})", root,
+                              "refusing it; replace the link with the file itself")
+
+
 def warn_legacy(state: ShardedState) -> None:
     print(
         f"warning: {state.root} has no shardstate.json (written by vLLM?): loading at TP={state.tp_size} with "
@@ -107,6 +114,7 @@ def index_rank(
     for path in state.rank_paths(rank):
         if not path.is_file():
             raise ShardstateError(f"rank {rank} file {path.name} is missing", state.root, "convert again")
+        check_inside(path, state.root)
         header = read_header(path)
         account.note_header(path, header.data_start)
         for tensor, entry in header.tensors.items():
