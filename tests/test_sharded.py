@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import PROMPTS
 from shardstate import LLM
 from shardstate.convert import convert
+from shardstate.format.safetensors_header import read_header
 from test_loaders import assert_states_equal, expected_rank_state
 
 BIN = Path(sys.executable).parent
@@ -238,3 +239,24 @@ def test_vllm_layout_without_manifest_loads_at_its_tp_with_a_warning(checkpoints
     # and it can be resharded into a verified sharded state
     assert shardstate("convert", str(legacy), str(tmp_path / "tp1"), "--tp", "1").returncode == 0
     assert shardstate("verify", str(tmp_path / "tp1")).returncode == 0
+
+
+def test_verify_on_load_names_file_and_tensor_of_a_flipped_byte(sharded_tp2, tmp_path):
+    args = ["--tp", "2", "--prompt-ids", "1,2", "--max-new-tokens", "2"]
+    assert shardstate("generate", str(sharded_tp2), "--verify", *args).returncode == 0
+    manifest = json.loads((sharded_tp2 / "shardstate.json").read_text())
+    target = "model.layers.1.mlp.down_proj.weight"
+    file = manifest["tensors"]["1"][target]["file"]
+    header = read_header(sharded_tp2 / file)
+
+    def flip(directory: Path) -> None:
+        path = directory / file
+        data = bytearray(path.read_bytes())
+        data[header.tensors[target].begin + 5] ^= 0x01
+        path.write_bytes(bytes(data))
+
+    bad = damaged(sharded_tp2, tmp_path, flip)
+    for io in ("read", "mmap"):
+        result = shardstate("generate", str(bad), "--verify", "--io", io, *args)
+        assert_one_error(result, f"tensor '{target}' does not match its checksum in {bad / file}")
+    assert shardstate("generate", str(bad), *args).returncode == 0  # unchecked, it would load silently

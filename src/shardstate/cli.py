@@ -62,7 +62,7 @@ def run_save(args: argparse.Namespace) -> None:
     from shardstate.runtime.llm import LLM
 
     start = time.perf_counter()
-    with LLM(args.src, args.tp, args.load_format, args.dtype, args.io, args.io_threads) as llm:
+    with LLM(args.src, args.tp, args.load_format, args.dtype, args.io, args.io_threads, args.verify) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force)
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
@@ -102,6 +102,7 @@ def add_io_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io", choices=IO_MODES, default="read",
                         help="sharded loads: read (default), mmap (alias the page cache), direct (O_DIRECT)")
     parser.add_argument("--io-threads", type=int, default=1, metavar="N", help="parallel reads per rank")
+    parser.add_argument("--verify", action="store_true", help="sharded loads: check every tensor's checksum")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +173,7 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     from shardstate.runtime.llm import LLM
 
-    with LLM(args.model, args.tp, args.load_format, args.dtype, args.io, args.io_threads) as llm:
+    with LLM(args.model, args.tp, args.load_format, args.dtype, args.io, args.io_threads, args.verify) as llm:
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
 

@@ -66,7 +66,6 @@ def convert(
             progress.close()
             for writer in writers:
                 writer.abort()
-        files = {name: record for writer in writers for name, record in writer.files.items()}
-        complete_state(tmp, src, config, tp_size, plan, files, source.files)
-    written = sum(f["size"] for f in files.values())
-    return ConvertReport(time.perf_counter() - start, account.bytes_read, written, sorted(files))
+        manifest = complete_state(tmp, src, config, plan, [w.result() for w in writers], source.files)
+    written = sum(f["size"] for f in manifest.files.values())
+    return ConvertReport(time.perf_counter() - start, account.bytes_read, written, sorted(manifest.files))

@@ -69,8 +69,9 @@ class StatePlan:
             writer.write(scale.name, one)
         writer.close()
 
-    def tensor_records(self, rank: int) -> dict[str, dict]:
-        """The manifest's entries for one rank's tensors; scales are marked constant."""
+    def tensor_records(self, rank: int, digests: dict[str, str]) -> dict[str, dict]:
+        """The manifest's entries for one rank's tensors (with the digests its writer computed); scales are
+        marked constant."""
         records = {}
         for part, tensors in enumerate(self.parts):
             for t in tensors:
@@ -81,6 +82,7 @@ class StatePlan:
                     "shape": list(t.shape),
                     "global_shape": [sum(p.shape[0] for p in spec.parts), *spec.parts[0].shape[1:]] if spec else [],
                     "spec": dataclasses.asdict(spec) if spec else {"kind": "constant", "value": 1.0},
+                    "xxh3_64": digests[t.name],
                 }
         return records
 
@@ -124,15 +126,15 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
 
 
 def complete_state(
-    directory: Path, src: Path, config: ModelConfig, tp_size: int, plan: StatePlan,
-    files: dict[str, dict], source_files: list[Path],
+    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], source_files: list[Path],
 ) -> Manifest:
-    """Copy SRC's side files, then write the manifest (last: its presence says the directory is whole)."""
+    """Copy SRC's side files, then write the manifest (last: its presence says the directory is whole).
+    `written` holds each rank's RankWriter.result(), in rank order."""
     manifest = Manifest(
-        tp_size, config.architecture, config.fingerprint, DTYPE_NAMES[plan.dtype],
+        len(written), config.architecture, config.fingerprint, DTYPE_NAMES[plan.dtype],
         [{"name": f.name, "size": f.stat().st_size} for f in source_files],
-        files=files,
-        tensors={str(rank): plan.tensor_records(rank) for rank in range(tp_size)},
+        files={name: record for rank in written for name, record in rank["files"].items()},
+        tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
         pattern=plan.pattern,
     )
     skip_suffixes = (".safetensors", *PICKLE_SUFFIXES)

@@ -34,6 +34,7 @@ SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads, on the sharded s
     ("sliced", "sliced", "read", 1, False),
     ("sharded read", "sharded", "read", 1, True),
     ("sharded read 2 threads", "sharded", "read", 2, True),
+    ("sharded read + verify", "sharded", "read+verify", 1, True),
     ("sharded mmap", "sharded", "mmap", 1, True),
     ("sharded direct", "sharded", "direct", 1, True),
 ]
@@ -96,7 +97,9 @@ def summarize(per_rank: list[dict]) -> dict:
 
 
 def shardstate_run(model_dir: Path, tp: int, load_format: str, io: str, threads: int) -> dict:
-    with LLM(model_dir, tensor_parallel_size=tp, load_format=load_format, io=io, io_threads=threads) as llm:
+    io, _, verify = io.partition("+")
+    with LLM(model_dir, tensor_parallel_size=tp, load_format=load_format, io=io, io_threads=threads,
+             verify=bool(verify)) as llm:
         (output,) = llm.generate([PROMPT], max_new_tokens=2, ignore_eos=True)
         reports = [
             {"rank": r.rank, "seconds": r.seconds, "bytes_read": r.bytes_read + r.bytes_mapped,

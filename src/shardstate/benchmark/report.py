@@ -37,6 +37,14 @@ def targets(results: dict) -> list[str]:
         for cache in ("warm", "cold"):
             ratios = ", ".join(f"TP={tp} {_fmt(_ratio(results, mode, 'vLLM sharded_state', tp, cache))}" for tp in tps)
             lines.append(f"- {mode} vs vLLM sharded_state speed-up ({cache}; target >= 1.5): {ratios}")
+    costs = []
+    for cache in ("warm", "cold"):
+        for tp in tps:
+            ratio = _ratio(results, "sharded read", "sharded read + verify", tp, cache)
+            if ratio is not None:
+                costs.append(f"TP={tp} {cache} {ratio - 1:+.2f}")
+    lines.append(f"- --verify cost, extra fraction of the sharded read load time (target < 0.10): "
+                 f"{', '.join(costs) or 'n/a'}")
     rss = []
     for tp in tps:
         run = _find(results, "sharded read", tp, "warm")

@@ -11,6 +11,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.format.safetensors_header import DTYPE_NAMES
+from shardstate.format.safetensors_writer import tensor_digest
 from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
@@ -34,6 +35,9 @@ def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
         )
     if state.manifest is None and target.rank == 0:
         warn_legacy(state)
+    if target.io.verify and state.manifest is None:
+        raise ShardstateError("--verify needs checksums, and a directory without shardstate.json has none",
+                              model_dir, "load without --verify, or convert it into a sharded state first")
     needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}
     with ReadAccount() as account:
         locations = index_rank(state, target.rank, needs, account)
@@ -60,4 +64,20 @@ def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
                     param.data.view(-1).view(torch.uint8).copy_(raw)
                 else:
                     param.data = raw.view(entry.dtype).view(entry.shape)
+        if target.io.verify:
+            check_digests(state.manifest.tensors[str(target.rank)], target.params, locations)
     return account
+
+
+def check_digests(records: dict[str, dict], params: dict, locations: dict) -> None:
+    """Every loaded tensor's bytes against the digest its writer recorded; the first mismatch is named."""
+    for name, param in params.items():
+        if "xxh3_64" not in records[name]:
+            raise ShardstateError(f"the manifest has no checksum for tensor '{name}'", locations[name].file,
+                                  "convert again with this shardstate to get checksums")
+        actual = tensor_digest(memoryview(param.data.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
+        if actual != records[name].get("xxh3_64"):
+            raise ShardstateError(
+                f"tensor '{name}' does not match its checksum", locations[name].file,
+                "the file is damaged: re-create it (`shardstate verify DIR` lists every bad file)",
+            )

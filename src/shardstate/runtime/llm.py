@@ -38,6 +38,7 @@ class LLM:
         dtype: str | None = None,
         io: str = "read",
         io_threads: int = 1,
+        verify: bool = False,
     ):
         self.model_dir = Path(model)
         self.config = load_config(self.model_dir)
@@ -48,7 +49,7 @@ class LLM:
         self.prompts = PromptCodec(self.model_dir, self.config)
         if io not in IO_MODES:
             raise ShardstateError(f"unknown I/O mode '{io}'", None, f"use one of {', '.join(IO_MODES)}")
-        args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads)
+        args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
@@ -122,14 +123,13 @@ class LLM:
         pattern = check_pattern(pattern or PP1_PATTERN)
         out = Path(path)
         with staged_output(out, force) as tmp:
-            rank_files = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size)
-            files = {name: record for records in rank_files for name, record in records.items()}
+            written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size)
             dtype = resolve_dtype(self._dtype, self.config, self.model_dir)
             specs = build_on_meta(self.config, TPGroup(0, self.tp_size), dtype).shard_specs()
             plan = StatePlan.make(specs, dtype, self.config.num_hidden_layers, max_size, pattern)
             sources = find_weight_files(self.model_dir)
-            complete_state(tmp, self.model_dir, self.config, self.tp_size, plan, files, sources)
-        return sorted(files)
+            manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
+        return sorted(manifest.files)
 
     def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every rank's parameters by vLLM name (copies), for checks across load paths."""

@@ -28,7 +28,9 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
     prompt_ids = codec.encode(args.prompts)
     group = init_group(rank, world)
     try:
-        args_for_worker = WorkerArgs(str(args.model), args.load_format, args.dtype, args.io, args.io_threads)
+        args_for_worker = WorkerArgs(
+            str(args.model), args.load_format, args.dtype, args.io, args.io_threads, args.verify
+        )
         worker = Worker(args_for_worker, group, local_rank)
         eos = () if args.ignore_eos else config.eos_token_ids
         generation = worker.generate(prompt_ids, args.max_new_tokens, eos)

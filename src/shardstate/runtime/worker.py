@@ -30,6 +30,7 @@ class WorkerArgs:
     dtype: str | None  # None: the sharded state's, else config.json's, else the weights'
     io_mode: str = "read"
     io_threads: int = 1
+    verify: bool = False
 
 
 class Worker:
@@ -40,7 +41,7 @@ class Worker:
         self.model = build_on_meta(config, group, dtype)
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
-        io = IOOptions(args.io_mode, args.io_threads, str(device))
+        io = IOOptions(args.io_mode, args.io_threads, str(device), args.verify)
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank, io)
@@ -50,9 +51,9 @@ class Worker:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
 
-    def save(self, directory: str, pattern: str, max_part_bytes: int) -> dict[str, dict]:
-        """Write this rank's live parameters (each distinct tensor once) as its part files; return their
-        manifest records."""
+    def save(self, directory: str, pattern: str, max_part_bytes: int) -> dict:
+        """Write this rank's live parameters (each distinct tensor once) as its part files; return what the
+        manifest needs (RankWriter.result())."""
         dtype = next(self.model.parameters()).dtype
         plan = StatePlan.make(self.model.shard_specs(), dtype, self.config.num_hidden_layers, max_part_bytes, pattern)
         writer = plan.writer(Path(directory), self.rank)
@@ -62,7 +63,7 @@ class Worker:
             plan.finish(writer)
         finally:
             writer.abort()
-        return writer.files
+        return writer.result()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters()}
