@@ -77,15 +77,16 @@ class LLM:
                 if ready in waiting:
                     try:
                         status, payload = ready.recv()
-                    except EOFError:
+                    except (EOFError, OSError):
                         status, payload = "error", None
                     rank = waiting[ready]
                 else:
                     rank, status, payload = sentinels[ready], "error", None
                 if status != "ok":
-                    self.close(graceful=False)  # peers may be blocked in a collective with the failed rank
                     if payload is None:
+                        self._procs[rank].join(timeout=5)
                         payload = f"worker rank {rank} died (exit code {self._procs[rank].exitcode})"
+                    self.close(graceful=False)  # peers may be blocked in a collective with the failed rank
                     raise ShardstateError(payload)
                 replies[rank] = payload
         return [replies[r] for r in range(self.tp_size)]
@@ -94,7 +95,8 @@ class LLM:
         if not self._conns:
             raise ShardstateError("this LLM is closed", None, "create a new LLM")
         for conn in self._conns:
-            conn.send((command, kwargs))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.send((command, kwargs))  # a dead worker is reported by _collect, by its rank
         return self._collect()
 
     # -- public API ---------------------------------------------------------------------------------
