@@ -97,6 +97,12 @@ def rewrite_rank0(edit):
 QKV = "model.layers.0.self_attn.qkv_proj.weight"
 
 
+def rename_in_manifest(directory: Path, new_name: str) -> None:
+    manifest = json.loads((directory / "shardstate.json").read_text())
+    manifest["files"][new_name] = manifest["files"].pop("model-rank-0-part-0.safetensors")
+    (directory / "shardstate.json").write_text(json.dumps(manifest))
+
+
 def link_outside(directory: Path, name: str) -> None:
     outside = directory.parent / f"outside-{name}"
     (directory / name).rename(outside)
@@ -117,6 +123,10 @@ def edit_config(directory: Path) -> None:
         ("missing manifest", "2", lambda d: (d / "shardstate.json").unlink(), "no shardstate.json"),
         ("different config", "2", edit_config, "config.json differs"),
         ("wrong dtype", "2", None, "saved as F32, running BF16"),
+        ("manifest names a file outside", "2", lambda d: rename_in_manifest(d, "../model-rank-0-part-0.safetensors"),
+         "manifest names file '../model-rank-0-part-0.safetensors' outside the directory"),
+        ("manifest names an absolute path", "2", lambda d: rename_in_manifest(d, "/etc/passwd"),
+         "manifest names file '/etc/passwd' outside the directory"),
         ("symlink outside", "2", lambda d: link_outside(d, "model-rank-1-part-0.safetensors"),
          "model-rank-1-part-0.safetensors leads outside the directory"),
         ("partial manifest", "2", lambda d: (d / "shardstate.json").write_text('{"format": "shards'),
