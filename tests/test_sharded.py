@@ -4,6 +4,7 @@ each rank reads only its own files, and the model equals the default load of the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,12 @@ def link_outside(directory: Path, name: str) -> None:
     (directory / name).symlink_to(outside)
 
 
+def replace_with_fifo(path: Path) -> None:
+    """A named pipe where a file should be: opening it for reading would block forever."""
+    path.unlink()
+    os.mkfifo(path)
+
+
 def edit_config(directory: Path) -> None:
     config = json.loads((directory / "config.json").read_text())
     config["rms_norm_eps"] = 1e-3
@@ -129,6 +136,10 @@ def edit_config(directory: Path) -> None:
          "manifest names file '/etc/passwd' outside the directory"),
         ("symlink outside", "2", lambda d: link_outside(d, "model-rank-1-part-0.safetensors"),
          "model-rank-1-part-0.safetensors leads outside the directory"),
+        ("rank file is a FIFO", "2", lambda d: replace_with_fifo(d / "model-rank-1-part-0.safetensors"),
+         "cannot read (not a regular file) in"),
+        ("manifest is a FIFO", "2", lambda d: replace_with_fifo(d / "shardstate.json"), "not a regular file"),
+        ("config is a FIFO", "2", lambda d: replace_with_fifo(d / "config.json"), "not a regular file"),
         ("partial manifest", "2", lambda d: (d / "shardstate.json").write_text('{"format": "shards'),
          "unreadable manifest"),
         ("future manifest version", "2", lambda d: (d / "shardstate.json").write_text(
@@ -157,6 +168,18 @@ def test_convert_refuses_existing_output_without_force(checkpoints, sharded_tp2)
     assert_one_error(shardstate("convert", str(checkpoints["gqa_untied"]), str(sharded_tp2), "--tp", "2"),
                      "output exists")
     assert sorted(p.name for p in sharded_tp2.iterdir()) == before
+
+
+def test_fifo_in_place_of_a_weight_file_is_refused_not_waited_on(checkpoints, sharded_tp2, tmp_path):
+    source = tmp_path / "hf"
+    shutil.copytree(checkpoints["gqa_untied"], source)
+    replace_with_fifo(source / "model.safetensors")
+    assert_one_error(shardstate("convert", str(source), str(tmp_path / "out"), "--tp", "2"),
+                     "cannot read (not a regular file) in")
+    assert not (tmp_path / "out").exists()
+    state = damaged(sharded_tp2, tmp_path, lambda d: replace_with_fifo(d / "model-rank-0-part-0.safetensors"))
+    result = shardstate("verify", str(state))
+    assert result.returncode == 1 and "BAD model-rank-0-part-0.safetensors: " in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("saved_tp,target_tp", [(4, 2), (2, 4), (1, 4), (4, 1)])

@@ -9,11 +9,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LOAD_FORMATS
+
+if TYPE_CHECKING:
+    from shardstate.runtime.llm import LLM
 
 
 class _AppendPrompt(argparse.Action):
@@ -59,10 +63,8 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_save(args: argparse.Namespace) -> None:
-    from shardstate.runtime.llm import LLM
-
     start = time.perf_counter()
-    with LLM(args.src, args.tp, args.load_format, args.dtype, args.io, args.io_threads, args.verify) as llm:
+    with start_llm(args.src, args) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force)
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
@@ -98,11 +100,30 @@ def run_verify(args: argparse.Namespace) -> None:
                               "re-create the sharded state")
 
 
-def add_io_options(parser: argparse.ArgumentParser) -> None:
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io", choices=IO_MODES, default="read",
                         help="sharded loads: read (default), mmap (alias the page cache), direct (O_DIRECT)")
     parser.add_argument("--io-threads", type=int, default=1, metavar="N", help="parallel reads per rank")
     parser.add_argument("--verify", action="store_true", help="sharded loads: check every tensor's checksum")
+    parser.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
+                        help="stop every rank when one lags this long behind the others (default 120)")
+
+
+def start_llm(model: Path, args: argparse.Namespace) -> LLM:
+    from shardstate.runtime.llm import LLM
+
+    return LLM(model, args.tp, args.load_format, args.dtype, io=args.io, io_threads=args.io_threads,
+               verify=args.verify, timeout=args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
     save.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    add_io_options(save)
+    add_worker_options(save)
 
     checks = (("inspect", "what a sharded state holds"), ("verify", "check every file against the manifest"))
     for command, text in checks:
@@ -154,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     gen.add_argument("--prompt", dest="prompts", action=_AppendPrompt, help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, metavar="1,2,3", help="token ids")
-    add_io_options(gen)
+    add_worker_options(gen)
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -171,9 +192,7 @@ def run_generate(args: argparse.Namespace) -> None:
         if result is not None:  # rank 0
             print_generation(*result, args.json)
         return
-    from shardstate.runtime.llm import LLM
-
-    with LLM(args.model, args.tp, args.load_format, args.dtype, args.io, args.io_threads, args.verify) as llm:
+    with start_llm(args.model, args) as llm:
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
 

@@ -11,6 +11,7 @@ import torch
 
 from shardstate.dtypes import DTYPE_ALIASES
 from shardstate.errors import ShardstateError
+from shardstate.io.files import read_regular
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 VOCAB_PADDING = 64  # vLLM pads the vocabulary to a multiple of 64 before splitting it across ranks
@@ -70,7 +71,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ShardstateError("not a directory", Path(model_dir), "pass a Hugging Face model directory")
     path = Path(model_dir) / "config.json"
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path)
     except FileNotFoundError:
         raise ShardstateError("config.json not found", Path(model_dir), "pass a Hugging Face model directory") from None
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from shardstate.errors import ShardstateError
 from shardstate.format.manifest import FORMAT_NAME, FORMAT_VERSION
 from shardstate.format.safetensors_header import DTYPE_NAMES, read_header
 from shardstate.format.sharded_state import check_inside, open_sharded_state
+from shardstate.io.files import open_regular
 
 CHUNK = 16 << 20
 
@@ -52,7 +54,7 @@ class FileCheck:
 def _check_file(root: Path, name: str, record: dict, listed: dict[str, dict]) -> str | None:
     """The first thing wrong with one file, or None."""
     path = root / name
-    if not path.is_file():
+    if not path.exists():
         return "missing"
     try:
         check_inside(path, root)
@@ -74,7 +76,7 @@ def _check_file(root: Path, name: str, record: dict, listed: dict[str, dict]) ->
             return f"tensor '{tensor}' is {DTYPE_NAMES[entry.dtype]}{list(entry.shape)}, manifest says " \
                    f"{expected[tensor]['dtype']}{expected[tensor]['shape']}"
     crc = 0
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while block := f.read(CHUNK):
             crc = zlib.crc32(block, crc)
     if crc != record["crc32"]:

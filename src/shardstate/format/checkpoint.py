@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shardstate.errors import ShardstateError
 from shardstate.format.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from shardstate.io.files import read_regular
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -35,7 +36,7 @@ def find_weight_files(root: Path) -> list[Path]:
     index_path = root / INDEX_NAME
     if index_path.exists():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = json.loads(read_regular(index_path))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ShardstateError(

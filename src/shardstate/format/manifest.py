@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardstate.errors import ShardstateError
+from shardstate.io.files import read_regular
 
 MANIFEST_NAME = "shardstate.json"
 FORMAT_NAME = "shardstate"
@@ -50,7 +51,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_NAME
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_regular(path))
     except FileNotFoundError:
         raise ShardstateError(
             "no shardstate.json (the directory is incomplete or not a sharded state)", directory,

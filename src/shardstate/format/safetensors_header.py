@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.io.files import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -68,7 +69,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse and validate the header of `path`; raise ShardstateError naming the file on any defect."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:

@@ -20,6 +20,7 @@ from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.manifest import MANIFEST_NAME, Manifest, read_manifest
 from shardstate.format.safetensors_header import DTYPE_NAMES, DTYPES, read_header
 from shardstate.format.safetensors_writer import WRITER_METADATA
+from shardstate.io.files import read_regular
 from shardstate.io.reader import ReadAccount
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
@@ -58,15 +59,15 @@ def _legacy_files(root: Path) -> dict[int, list[Path]]:
 
 
 def is_sharded_state(root: Path) -> bool:
-    return (root / MANIFEST_NAME).is_file() or bool(_legacy_files(root))
+    return (root / MANIFEST_NAME).exists() or bool(_legacy_files(root))
 
 
 def open_sharded_state(root: Path, allow_legacy: bool = False) -> ShardedState:
     """Read the manifest and refuse it if config.json is not the one the files were made for; without a
     manifest, accept a vLLM-written directory when `allow_legacy` (strict checks, no integrity)."""
-    if (root / MANIFEST_NAME).is_file():
+    if (root / MANIFEST_NAME).exists():
         manifest = read_manifest(root)
-        if hashlib.sha256((root / "config.json").read_bytes()).hexdigest() != manifest.config_sha256:
+        if hashlib.sha256(read_regular(root / "config.json")).hexdigest() != manifest.config_sha256:
             raise ShardstateError(
                 "config.json differs from the one the files were made for", root / MANIFEST_NAME,
                 "restore config.json or convert again",
@@ -112,7 +113,7 @@ def index_rank(
     listed = state.manifest.tensors.get(str(rank), {}) if state.manifest else None
     found: dict[str, TensorLocation] = {}
     for path in state.rank_paths(rank):
-        if not path.is_file():
+        if not path.exists():
             raise ShardstateError(f"rank {rank} file {path.name} is missing", state.root, "convert again")
         check_inside(path, state.root)
         header = read_header(path)

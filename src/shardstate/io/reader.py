@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.io.files import open_regular
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -31,7 +32,7 @@ class ReadAccount:
         fd = self._fds.get((path, flags))
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY | flags)
+                fd = open_regular(path, flags)
             except OSError as exc:
                 raise ShardstateError(f"cannot open ({exc.strerror})", path, "check the file exists") from None
             self._fds[path, flags] = fd

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -28,7 +29,11 @@ from shardstate.state_writer import StatePlan, check_pattern, complete_state, st
 
 class LLM:
     """`LLM(model_dir, tensor_parallel_size=2, load_format="sliced", io="read")` spawns one process per rank
-    (gloo on CPU, NCCL with CUDA), loads the weights there and keeps the workers until `close()`."""
+    (gloo on CPU, NCCL with CUDA), loads the weights there and keeps the workers until `close()`.
+
+    `timeout` bounds how long a hung rank can stall the others: a collective gives up after waiting that
+    long for a peer, and once one rank has answered a call the rest have that long to answer too.
+    Either way every worker is killed and the error names the ranks that did not answer."""
 
     def __init__(
         self,
@@ -39,6 +44,7 @@ class LLM:
         io: str = "read",
         io_threads: int = 1,
         verify: bool = False,
+        timeout: float = 120.0,
     ):
         self.model_dir = Path(model)
         self.config = load_config(self.model_dir)
@@ -49,6 +55,9 @@ class LLM:
         self.prompts = PromptCodec(self.model_dir, self.config)
         if io not in IO_MODES:
             raise ShardstateError(f"unknown I/O mode '{io}'", None, f"use one of {', '.join(IO_MODES)}")
+        if not timeout > 0:
+            raise ShardstateError(f"timeout {timeout} is not a positive number of seconds", None, "pass e.g. 120")
+        self.timeout = timeout
         args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -58,7 +67,9 @@ class LLM:
         for rank in range(tensor_parallel_size):
             parent, child = context.Pipe()
             proc = context.Process(
-                target=worker_main, args=(child, rank, tensor_parallel_size, init_method, args, threads), daemon=True
+                target=worker_main,
+                args=(child, rank, tensor_parallel_size, init_method, args, threads, timeout),
+                daemon=True,
             )
             proc.start()
             child.close()
@@ -68,12 +79,20 @@ class LLM:
 
     # -- talking to workers -------------------------------------------------------------------------
     def _collect(self) -> list[Any]:
-        """One reply per rank. The first error or dead worker stops every worker and is raised."""
+        """One reply per rank. The first error, dead worker or rank still silent `timeout` seconds after
+        another answered stops every worker and is raised."""
         replies: dict[int, Any] = {}
+        deadline = None
         while len(replies) < self.tp_size:
             waiting = {c: r for r, c in enumerate(self._conns) if r not in replies}
             sentinels = {self._procs[r].sentinel: r for r in waiting.values()}
-            for ready in wait([*waiting, *sentinels]):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready_list = wait([*waiting, *sentinels], timeout=left)
+            if not ready_list:
+                silent = sorted(waiting.values())
+                self._fail(f"rank(s) {', '.join(map(str, silent))} did not answer within {self.timeout:g} s of "
+                           f"rank {min(replies)}", silent)
+            for ready in ready_list:
                 if ready in waiting:
                     try:
                         status, payload = ready.recv()
@@ -82,14 +101,25 @@ class LLM:
                     rank = waiting[ready]
                 else:
                     rank, status, payload = sentinels[ready], "error", None
+                if status == "timeout":
+                    silent = sorted(r for r in waiting.values() if r != rank)
+                    self._fail(f"{payload}; no answer from rank(s) {', '.join(map(str, silent))}", silent)
                 if status != "ok":
                     if payload is None:
                         self._procs[rank].join(timeout=5)
                         payload = f"worker rank {rank} died (exit code {self._procs[rank].exitcode})"
-                    self.close(graceful=False)  # peers may be blocked in a collective with the failed rank
-                    raise ShardstateError(payload)
+                    self._fail(payload, [])
                 replies[rank] = payload
+                deadline = deadline or time.monotonic() + self.timeout
         return [replies[r] for r in range(self.tp_size)]
+
+    def _fail(self, what: str, silent: list[int]) -> NoReturn:
+        """Kill every worker (peers may be blocked in a collective with the failed rank) and raise."""
+        self.close(graceful=False)
+        if silent:
+            raise ShardstateError(what, None, f"a rank is hung or stopped; if ranks are only slow, raise the "
+                                              f"timeout (now {self.timeout:g} s)")
+        raise ShardstateError(what)
 
     def _call(self, command: str, **kwargs: Any) -> list[Any]:
         if not self._conns:

@@ -12,7 +12,7 @@ from shardstate.errors import ShardstateError
 from shardstate.loaders import LoadReport
 from shardstate.runtime.distributed import init_group, torchrun_env
 from shardstate.runtime.prompts import Output, PromptCodec
-from shardstate.runtime.worker import Worker, WorkerArgs
+from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
 
 
 def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], list[LoadReport]] | None:
@@ -26,7 +26,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
     config.check_tp_size(world)
     codec = PromptCodec(Path(args.model), config)
     prompt_ids = codec.encode(args.prompts)
-    group = init_group(rank, world)
+    group = init_group(rank, world, timeout_s=args.timeout)
     try:
         args_for_worker = WorkerArgs(
             str(args.model), args.load_format, args.dtype, args.io, args.io_threads, args.verify
@@ -39,6 +39,10 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
             reports = [None] * world
             dist.all_gather_object(reports, worker.load_report)
         return (codec.outputs(prompt_ids, generation), reports) if rank == 0 else None
+    except RuntimeError as exc:
+        if is_collective_timeout(exc):  # a peer hung or died: torchrun stops the others once this rank exits
+            raise ShardstateError(describe(exc, rank)[1], None, "check the other ranks' output") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

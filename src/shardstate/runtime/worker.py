@@ -69,20 +69,33 @@ class Worker:
         return {name: p.detach().cpu().clone() for name, p in self.model.named_parameters()}
 
 
-def describe(exc: BaseException, rank: int) -> str:
-    """One line for the driver: bad input as it is; anything else as an internal error on this rank."""
+def is_collective_timeout(exc: BaseException) -> bool:
+    """gloo/NCCL/the rendezvous store give up on a peer with a RuntimeError that says so."""
+    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower()
+
+
+def describe(exc: BaseException, rank: int) -> tuple[str, str]:
+    """(status, one line) for the driver: a collective that timed out waiting for peers ('timeout', so the
+    driver can name the ranks that did not answer); bad input as it is; anything else as an internal
+    error on this rank."""
+    if is_collective_timeout(exc):
+        return "timeout", f"rank {rank} timed out waiting for its peers ({str(exc).splitlines()[0][-120:]})"
     if isinstance(exc, ShardstateError):
-        return str(exc)
+        return "error", str(exc)
     if os.environ.get("SHARDSTATE_DEBUG"):
         traceback.print_exc()
-    return f"internal error on rank {rank}: {type(exc).__name__}: {exc} (SHARDSTATE_DEBUG=1 shows the traceback)"
+    return "error", (f"internal error on rank {rank}: {type(exc).__name__}: {exc} "
+                     "(SHARDSTATE_DEBUG=1 shows the traceback)")
 
 
-def worker_main(conn: Connection, rank: int, size: int, init_method: str, args: WorkerArgs, threads: int) -> None:
-    """Entry point of a spawned worker: reply ('ok', LoadReport) after loading, then serve commands."""
+def worker_main(
+    conn: Connection, rank: int, size: int, init_method: str, args: WorkerArgs, threads: int, timeout_s: float
+) -> None:
+    """Entry point of a spawned worker: reply ('ok', LoadReport) after loading, then serve commands.
+    A collective waits at most `timeout_s` for a peer before this rank gives up and reports it."""
     torch.set_num_threads(threads)
     try:
-        group = init_group(rank, size, init_method)
+        group = init_group(rank, size, init_method, timeout_s)
         worker = Worker(args, group, rank)
         conn.send(("ok", worker.load_report))
         while True:
@@ -93,7 +106,7 @@ def worker_main(conn: Connection, rank: int, size: int, init_method: str, args: 
     except (EOFError, KeyboardInterrupt):
         pass  # the driver went away
     except Exception as exc:
-        conn.send(("error", describe(exc, rank)))
+        conn.send(describe(exc, rank))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
