@@ -4,14 +4,18 @@ model (bit-identical parameters, identical greedy tokens) as the default loader.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from conftest import PROMPTS
 from shardstate import LLM
 from shardstate.convert import convert
+from shardstate.errors import ShardstateError
 from shardstate.io import engine
+from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
 from test_loaders import assert_states_equal
@@ -57,9 +61,53 @@ def test_device_ring_path_runs_on_cpu(data_files):
         assert account.bytes_read == sum(s.size for s in spans)
 
 
-def test_truncated_file_is_an_error(data_files):
-    from shardstate.errors import ShardstateError
+@pytest.fixture
+def tensor_file(tmp_path) -> tuple[Path, list[Expected]]:
+    """A file of back-to-back 'tensors' of awkward sizes (some bigger than the test CHUNK), each with the
+    xxh3-64 computed here, independently of the engine."""
+    sizes = [100, 4096, 9000, 1, 20_000, 333, 4096 * 3]
+    data = os.urandom(64 + sum(sizes))
+    path = tmp_path / "tensors.bin"
+    path.write_bytes(data)
+    expected, at = [], 64
+    for n, size in enumerate(sizes):
+        expected.append(Expected(f"t{n}", at, at + size, xxhash.xxh3_64_hexdigest(data[at : at + size])))
+        at += size
+    return path, expected
 
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_streaming_digests_check_every_tensor_while_reading(tensor_file, monkeypatch, threads):
+    monkeypatch.setattr(engine, "CHUNK", 8192)
+    path, expected = tensor_file
+    span = Span(path, 64, expected[-1].end)
+    with ReadAccount() as account:
+        (got,) = read_spans([span], "read", account, threads, StreamingDigests({path: expected}))
+        assert bytes(got.numpy()) == path.read_bytes()[64:]
+        read_spans_to_device([span], torch.device("cpu"), account, ring=2, chunk=5000,
+                             digests=StreamingDigests({path: expected}))
+    for target in (expected[0], expected[4], expected[-1]):  # first, bigger than a chunk, last
+        data = bytearray(path.read_bytes())
+        data[target.end - 1] ^= 0x80
+        path.write_bytes(bytes(data))
+        for read in (lambda a: read_spans([span], "read", a, threads, StreamingDigests({path: expected})),
+                     lambda a: read_spans_to_device([span], torch.device("cpu"), a, ring=2, chunk=5000,
+                                                    digests=StreamingDigests({path: expected}))):
+            with ReadAccount() as account, pytest.raises(ShardstateError, match=f"tensor '{target.name}' does not"):
+                read(account)
+        data[target.end - 1] ^= 0x80
+        path.write_bytes(bytes(data))
+
+
+def test_chunks_start_on_tensor_boundaries_when_checking(monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK", 100)
+    cuts = [0, 30, 60, 90, 400, 410, 420]
+    ranges = engine._cut(0, 420, cuts)
+    assert ranges == [(0, 90), (90, 400), (400, 420)]  # packed up to CHUNK; a bigger tensor alone
+    assert engine._cut(0, 250, []) == [(0, 100), (100, 200), (200, 250)]
+
+
+def test_truncated_file_is_an_error(data_files):
     with ReadAccount() as account, pytest.raises(ShardstateError, match="truncated"):
         read_spans([Span(data_files[1], 0, 20_000)], "read", account)
 

@@ -15,6 +15,7 @@ the CPU (unpinned, synchronous) where no GPU is present.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,12 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.io.digests import StreamingDigests
 from shardstate.io.reader import ReadAccount
 
 IO_MODES = ("read", "mmap", "direct")
 CHUNK = 16 << 20
+HASH_PIECE = 256 << 10  # --verify reads this much at a time and hashes it at once, while it is in L2 cache
 PAGE = mmap.PAGESIZE
 DIRECT_ALIGN = 4096
 MADV_POPULATE_READ = 22  # Linux >= 5.14; Python 3.11's mmap module does not name them
@@ -87,6 +90,9 @@ def _pread_exact(fd: int, dest: memoryview, offset: int, path: Path) -> int:
 
 @dataclass(frozen=True)
 class Chunk:
+    """One reader task: `length` bytes of `path` from `offset` into the arena, read in pieces of at most
+    CHUNK bytes, in order."""
+
     path: Path
     offset: int  # in the file
     arena_offset: int
@@ -94,17 +100,43 @@ class Chunk:
     needed: int  # bytes that must arrive (direct mode may ask past EOF)
 
 
-def _read_chunks(arena: Arena, chunks: list[Chunk], threads: int, account: ReadAccount, flags: int = 0) -> None:
-    """Populate and fill each chunk of the arena from its file. Files opened once each."""
+def _cut(start: int, end: int, cuts: list[int]) -> list[tuple[int, int]]:
+    """[start, end) as consecutive ranges of about CHUNK bytes. With `cuts` (tensor boundaries) ranges
+    start and end only on cuts: whole tensors, packed up to CHUNK, a bigger tensor alone."""
+    if not cuts:
+        return [(at, min(at + CHUNK, end)) for at in range(start, end, CHUNK)]
+    points = sorted({start, end, *(c for c in cuts if start < c < end)})
+    ranges, first = [], start
+    for previous, point in itertools.pairwise(points):
+        if point - first > CHUNK and previous > first:
+            ranges.append((first, previous))
+            first = previous
+    ranges.append((first, end))
+    return ranges
+
+
+def _read_chunks(
+    arena: Arena, chunks: list[Chunk], threads: int, account: ReadAccount, flags: int, digests: StreamingDigests | None
+) -> None:
+    """Populate and fill each chunk of the arena from its file, feeding `digests` as pieces arrive."""
     fds = {path: account.open_fd(path, flags) for path in {chunk.path for chunk in chunks}}
 
+    step = CHUNK if digests is None else min(CHUNK, HASH_PIECE)
+
     def run(chunk: Chunk) -> int:
-        arena.populate(chunk.arena_offset, chunk.length)
-        path, offset, needed = chunk.path, chunk.offset, chunk.needed
-        got = _pread_exact(fds[path], arena.view(chunk.arena_offset, chunk.length), offset, path)
-        if got < needed:
-            raise ShardstateError(f"file ends before byte {offset + needed}", path, "the file is truncated")
-        return needed
+        path, fd = chunk.path, fds[chunk.path]
+        for at in range(0, chunk.length, CHUNK):
+            arena.populate(chunk.arena_offset + at, min(CHUNK, chunk.length - at))
+            for piece in range(at, min(at + CHUNK, chunk.length), step):
+                length = min(step, at + CHUNK - piece, chunk.length - piece)
+                view = arena.view(chunk.arena_offset + piece, length)
+                got = _pread_exact(fd, view, chunk.offset + piece, path)
+                if got < min(length, chunk.needed - piece):
+                    raise ShardstateError(f"file ends before byte {chunk.offset + chunk.needed}", path,
+                                          "the file is truncated")
+                if digests is not None:
+                    digests.feed(path, chunk.offset + piece, view[:got])
+        return chunk.needed
 
     if threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(threads) as pool:
@@ -113,12 +145,17 @@ def _read_chunks(arena: Arena, chunks: list[Chunk], threads: int, account: ReadA
         account.bytes_read += sum(run(chunk) for chunk in chunks)
 
 
-def read_spans(spans: list[Span], mode: str, account: ReadAccount, threads: int = 1) -> list[torch.Tensor]:
-    """The bytes of each span as a uint8 CPU tensor (views of one arena, or of file mappings)."""
+def read_spans(
+    spans: list[Span], mode: str, account: ReadAccount, threads: int = 1, digests: StreamingDigests | None = None
+) -> list[torch.Tensor]:
+    """The bytes of each span as a uint8 CPU tensor (views of one arena, or of file mappings). In read
+    mode, `digests` is fed every byte as it arrives (chunks then start on its tensor boundaries)."""
     if mode == "mmap":
         return [_map_span(span, account) for span in spans]
     if mode not in ("read", "direct"):
         raise ShardstateError(f"unknown I/O mode '{mode}'", None, f"use one of {', '.join(IO_MODES)}")
+    if digests is not None and mode != "read":
+        raise ValueError("streaming digests need --io read (direct reads whole aligned blocks)")
     align = DIRECT_ALIGN if mode == "direct" else 1
     # Each span's region: in direct mode the aligned file range around it, placed at an aligned address.
     regions, cursor = [], 0
@@ -129,16 +166,18 @@ def read_spans(spans: list[Span], mode: str, account: ReadAccount, threads: int 
         cursor += last - first
     arena = Arena(cursor)
     chunks = [
-        Chunk(span.path, at, base + at - first, min(CHUNK, last - at), max(0, min(CHUNK, span.end - at)))
+        Chunk(span.path, lo, base + lo - first, hi - lo, max(0, min(hi, span.end) - lo))
         for span, (base, first, last) in zip(spans, regions, strict=True)
-        for at in range(first, last, CHUNK)
+        for lo, hi in _cut(first, last, digests.boundaries(span.path) if digests else [])
     ]
     flags = os.O_DIRECT if mode == "direct" else 0
     try:
-        _read_chunks(arena, chunks, threads, account, flags)
+        _read_chunks(arena, chunks, threads, account, flags, digests)
     except OSError as exc:
         raise ShardstateError(f"{mode} read failed ({exc.strerror})", spans[0].path if spans else None,
                               "use --io read on this filesystem") from None
+    if digests is not None:
+        digests.finish()
     return [
         arena.tensor[base + span.start - first : base + span.start - first + span.size]
         for span, (base, first, _) in zip(spans, regions, strict=True)
@@ -156,10 +195,12 @@ def _map_span(span: Span, account: ReadAccount) -> torch.Tensor:
 
 
 def read_spans_to_device(
-    spans: list[Span], device: torch.device, account: ReadAccount, ring: int = 4, chunk: int = CHUNK
+    spans: list[Span], device: torch.device, account: ReadAccount, ring: int = 4, chunk: int = CHUNK,
+    digests: StreamingDigests | None = None,
 ) -> list[torch.Tensor]:
     """Read through a ring of `ring` host buffers (pinned on CUDA) into one allocation on `device`,
-    overlapping the next read with the previous asynchronous copy. Works on any device."""
+    overlapping the next read with the previous asynchronous copy. Works on any device. `digests` is
+    fed each host buffer before its copy (bytes arrive in file order), so --verify never reads back."""
     cuda = device.type == "cuda"
     total = sum(span.size for span in spans)
     dest = torch.empty(total, dtype=torch.uint8, device=device)
@@ -178,6 +219,8 @@ def read_spans_to_device(
             if _pread_exact(fds[span.path], memoryview(host.numpy()), offset, span.path) < length:
                 raise ShardstateError(f"file ends before byte {offset + length}", span.path, "the file is truncated")
             account.bytes_read += length
+            if digests is not None:
+                digests.feed(span.path, offset, memoryview(host.numpy()))
             if cuda:
                 with torch.cuda.stream(stream):
                     dest[out : out + length].copy_(host, non_blocking=True)
@@ -189,4 +232,6 @@ def read_spans_to_device(
             slot = (slot + 1) % ring
     if cuda:
         stream.synchronize()
+    if digests is not None:
+        digests.finish()
     return views

@@ -5,14 +5,17 @@ TP size with the same strict key/shape checks."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import tensor_digest
 from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
+from shardstate.io.digests import Expected, StreamingDigests, digest_mismatch
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
@@ -50,10 +53,12 @@ def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
             for path, names in sorted(by_file.items())
         ]
         io = target.io
+        records = state.manifest.tensors[str(target.rank)] if io.verify else {}
+        streaming = expected_digests(records, locations) if io.verify and io.mode == "read" else None
         if io.device != "cpu" and io.mode == "read":
-            memory = read_spans_to_device(spans, torch.device(io.device), account)
+            memory = read_spans_to_device(spans, torch.device(io.device), account, digests=streaming)
         else:
-            memory = read_spans(spans, io.mode, account, io.threads)
+            memory = read_spans(spans, io.mode, account, io.threads, streaming)
         for span, data in zip(spans, memory, strict=True):
             for name in by_file[span.path]:
                 entry = locations[name].entry
@@ -64,20 +69,37 @@ def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
                     param.data.view(-1).view(torch.uint8).copy_(raw)
                 else:
                     param.data = raw.view(entry.dtype).view(entry.shape)
-        if target.io.verify:
-            check_digests(state.manifest.tensors[str(target.rank)], target.params, locations)
+        if io.verify and streaming is None:  # mmap and direct: hash what was loaded, in parallel
+            check_digests(records, target.params, locations, io.threads)
     return account
 
 
-def check_digests(records: dict[str, dict], params: dict, locations: dict) -> None:
-    """Every loaded tensor's bytes against the digest its writer recorded; the first mismatch is named."""
-    for name, param in params.items():
-        if "xxh3_64" not in records[name]:
-            raise ShardstateError(f"the manifest has no checksum for tensor '{name}'", locations[name].file,
-                                  "convert again with this shardstate to get checksums")
-        actual = tensor_digest(memoryview(param.data.detach().cpu().reshape(-1).view(torch.uint8).numpy()))
-        if actual != records[name].get("xxh3_64"):
-            raise ShardstateError(
-                f"tensor '{name}' does not match its checksum", locations[name].file,
-                "the file is damaged: re-create it (`shardstate verify DIR` lists every bad file)",
-            )
+def _recorded(records: dict[str, dict], name: str, location: TensorLocation) -> str:
+    if "xxh3_64" not in records.get(name, {}):
+        raise ShardstateError(f"the manifest has no checksum for tensor '{name}'", location.file,
+                              "convert again with this shardstate to get checksums")
+    return records[name]["xxh3_64"]
+
+
+def expected_digests(records: dict[str, dict], locations: dict[str, TensorLocation]) -> StreamingDigests:
+    """What the read path checks as bytes arrive: each tensor's range in its file and recorded digest."""
+    by_file: dict[Path, list[Expected]] = {}
+    for name, location in locations.items():
+        entry = location.entry
+        by_file.setdefault(location.file, []).append(
+            Expected(name, entry.begin, entry.end, _recorded(records, name, location))
+        )
+    return StreamingDigests(by_file)
+
+
+def check_digests(records: dict[str, dict], params: dict, locations: dict[str, TensorLocation], threads: int) -> None:
+    """Every loaded tensor's bytes against the digest its writer recorded (after the load, for modes
+    that do not read through the arena); the first mismatch is named."""
+    def check(name: str) -> None:
+        expected = _recorded(records, name, locations[name])
+        data = params[name].data.detach().cpu().reshape(-1).view(torch.uint8)
+        if tensor_digest(memoryview(data.numpy())) != expected:
+            raise digest_mismatch(name, locations[name].file)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(check, params))

@@ -38,6 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cores_per_rank(size: int) -> int:
+    """This host's CPU cores shared out between `size` ranks (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
 def device_for(local_rank: int) -> torch.device:
     """NCCL and one GPU per rank when CUDA is present, else the CPU."""
     if torch.cuda.is_available():

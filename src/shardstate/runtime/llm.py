@@ -21,7 +21,7 @@ from shardstate.format.manifest import PP1_PATTERN
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.models import build_on_meta
-from shardstate.runtime.distributed import TPGroup, free_port
+from shardstate.runtime.distributed import TPGroup, cores_per_rank, free_port
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
 from shardstate.state_writer import StatePlan, check_pattern, complete_state, staged_output
@@ -42,7 +42,7 @@ class LLM:
         load_format: str = "auto",
         dtype: str | None = None,
         io: str = "read",
-        io_threads: int = 1,
+        io_threads: int | None = None,
         verify: bool = False,
         timeout: float = 120.0,
     ):
@@ -61,7 +61,7 @@ class LLM:
         args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        threads = max(1, (os.cpu_count() or 1) // tensor_parallel_size)
+        threads = cores_per_rank(tensor_parallel_size)
         self._conns = []
         self._procs = []
         for rank in range(tensor_parallel_size):

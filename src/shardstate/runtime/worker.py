@@ -17,10 +17,12 @@ from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.loaders import IOOptions, load_weights
 from shardstate.models import build_on_meta
-from shardstate.runtime.distributed import TPGroup, device_for, init_group
+from shardstate.runtime.distributed import TPGroup, cores_per_rank, device_for, init_group
 from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.layers import materialize
 from shardstate.state_writer import StatePlan
+
+MAX_IO_THREADS = 8  # a cap, so a large host does not start dozens of reader threads per rank
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class WorkerArgs:
     load_format: str
     dtype: str | None  # None: the sharded state's, else config.json's, else the weights'
     io_mode: str = "read"
-    io_threads: int = 1
+    io_threads: int | None = None  # None: this rank's share of the host's cores, at most MAX_IO_THREADS
     verify: bool = False
 
 
@@ -41,7 +43,8 @@ class Worker:
         self.model = build_on_meta(config, group, dtype)
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
-        io = IOOptions(args.io_mode, args.io_threads, str(device), args.verify)
+        threads = args.io_threads or min(MAX_IO_THREADS, cores_per_rank(group.size))
+        io = IOOptions(args.io_mode, threads, str(device), args.verify)
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank, io)
