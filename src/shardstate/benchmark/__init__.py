@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from shardstate.benchmark.cache import evict, resident_bytes
-from shardstate.benchmark.peers import transformers_tp_status, vllm_load
+from shardstate.benchmark.peers import transformers_tp_load, vllm_load
 from shardstate.benchmark.ranks import run_ranks
 from shardstate.benchmark.report import write_reports
 from shardstate.convert import convert
@@ -29,6 +30,7 @@ FULL_MODEL = {  # ~2.4 GB in bf16
 SMOKE_MODEL = {"vocab_size": 203, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2}
 PROMPT = [1, 2, 3, 4]
+VERIFY_ROUNDS = 5
 SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads, on the sharded state?)
     ("default", "default", "read", 1, False),
     ("sliced", "sliced", "read", 1, False),
@@ -105,7 +107,23 @@ def shardstate_run(model_dir: Path, tp: int, load_format: str, io: str, threads:
             {"rank": r.rank, "seconds": r.seconds, "bytes_read": r.bytes_read + r.bytes_mapped,
              "peak_rss": r.peak_rss} for r in llm.load_reports
         ]
-    return {**summarize(reports), "tokens": output.token_ids}
+    return {**summarize(reports), "tokens": output.token_ids, "shardstate": True}
+
+
+def verify_cost(model_dir: Path, tp: int, rounds: int) -> list[dict]:
+    """--verify's extra load time, warm cache, from `rounds` alternating loads with and without it per
+    I/O mode (medians: one pair of loads is too noisy on a small machine)."""
+    costs = []
+    for io in ("read", "mmap"):
+        plain, checked = [], []
+        for _ in range(rounds):
+            plain.append(shardstate_run(model_dir, tp, "sharded", io, 1)["seconds"])
+            checked.append(shardstate_run(model_dir, tp, "sharded", f"{io}+verify", 1)["seconds"])
+        extra = statistics.median(checked) - statistics.median(plain)
+        costs.append({"tp": tp, "io": io, "seconds": plain, "seconds_verify": checked, "extra_seconds": extra,
+                      "extra_fraction": extra / statistics.median(plain)})
+        say(f"[warm TP={tp}] --verify with --io {io}: {extra:+.3f}s ({costs[-1]['extra_fraction']:+.1%})")
+    return costs
 
 
 def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tuple[int, ...] = (1, 2, 4),
@@ -115,7 +133,7 @@ def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tu
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "model": {"path": str(model_dir), "bytes": sum(f.stat().st_size for f in source_files)},
-        "convert": [], "runs": [],
+        "convert": [], "runs": [], "verify_cost": [],
     }
     sharded: dict[int, Path] = {}
     for tp in tp_sizes:
@@ -172,7 +190,14 @@ def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tu
                     rate = nbytes / outcome["seconds"] / 1e9 if outcome["seconds"] else None  # logged to 0.01 s
                     outcome = {**outcome, "bytes_read": nbytes, "gb_per_s": rate}
                 record(name, outcome, resident)
-            record("transformers tp_plan=auto", transformers_tp_status(), None)
+            resident = prepare(weight_files(model_dir))
+            outcome = transformers_tp_load(model_dir, tp, "bfloat16", PROMPT)
+            if "seconds" in outcome:  # each rank reads its slices (through safetensors' mmap)
+                nbytes = results["model"]["bytes"]
+                outcome = {**outcome, "bytes_read": nbytes, "gb_per_s": nbytes / outcome["seconds"] / 1e9}
+            record("transformers tp_plan=auto", outcome, resident)
+    for tp in tp_sizes:
+        results["verify_cost"].extend(verify_cost(sharded[tp], tp, rounds=1 if smoke else VERIFY_ROUNDS))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_reports(results, out_dir)

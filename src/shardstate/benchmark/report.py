@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 RSS_SLACK = 400e6
@@ -37,14 +38,17 @@ def targets(results: dict) -> list[str]:
         for cache in ("warm", "cold"):
             ratios = ", ".join(f"TP={tp} {_fmt(_ratio(results, mode, 'vLLM sharded_state', tp, cache))}" for tp in tps)
             lines.append(f"- {mode} vs vLLM sharded_state speed-up ({cache}; target >= 1.5): {ratios}")
-    costs = []
-    for cache in ("warm", "cold"):
-        for tp in tps:
-            ratio = _ratio(results, "sharded read", "sharded read + verify", tp, cache)
-            if ratio is not None:
-                costs.append(f"TP={tp} {cache} {ratio - 1:+.2f}")
-    lines.append(f"- --verify cost, extra fraction of the sharded read load time (target < 0.10): "
-                 f"{', '.join(costs) or 'n/a'}")
+        for cache in ("warm", "cold"):
+            ratios = ", ".join(f"TP={tp} {_fmt(_ratio(results, mode, 'transformers tp_plan=auto', tp, cache))}"
+                               for tp in tps)
+            lines.append(f"- {mode} vs transformers tp_plan=auto speed-up ({cache}; no target): {ratios}")
+    for cost in results.get("verify_cost", []):
+        lines.append(f"- --verify cost, warm, --io {cost['io']}, TP={cost['tp']} (target < 0.10 of the load time): "
+                     f"{cost['extra_fraction']:+.2f} ({cost['extra_seconds']:+.3f}s on a median of "
+                     f"{statistics.median(cost['seconds']):.3f}s, {len(cost['seconds'])} alternating rounds)")
+    cold = [f"TP={tp} {ratio - 1:+.2f}" for tp in tps
+            if (ratio := _ratio(results, "sharded read", "sharded read + verify", tp, "cold")) is not None]
+    lines.append(f"- --verify cost, cold, --io read (one load each): {', '.join(cold) or 'n/a'}")
     rss = []
     for tp in tps:
         run = _find(results, "sharded read", tp, "warm")
@@ -55,9 +59,12 @@ def targets(results: dict) -> list[str]:
     conv = ", ".join(f"TP={c['tp']} {c['ratio_to_raw']:.2f}" for c in results["convert"])
     lines.append(f"- convert time vs raw read + raw write of the same bytes (target >= 0.7): {conv}")
     for tp in tps:
-        tokens = {tuple(r["tokens"]) for r in results["runs"] if r["tp"] == tp and "tokens" in r}
-        same = "yes" if len(tokens) == 1 else "NO"
-        lines.append(f"- TP={tp}: every shardstate load path gave the same tokens: {same}")
+        ours = {tuple(r["tokens"]) for r in results["runs"] if r["tp"] == tp and r.get("shardstate")}
+        lines.append(f"- TP={tp}: every shardstate load path gave the same tokens: {'yes' if len(ours) == 1 else 'NO'}")
+        for peer in results["runs"]:
+            if peer["tp"] == tp and "tokens" in peer and not peer.get("shardstate") and peer["cache"] == "warm":
+                same = "the same" if {tuple(peer["tokens"])} == ours else f"different ({peer['tokens']})"
+                lines.append(f"- TP={tp}: {peer['name']} gave {same} tokens")
     return lines
 
 
