@@ -1,5 +1,6 @@
 """Whole checkpoint tensors for the converter, one parameter's worth at a time: read from a HF
-checkpoint, or reassembled from every rank's slices of a sharded state (resharding)."""
+checkpoint, or reassembled from every rank's slices of a sharded state (resharding). Reads go through
+the load I/O engine (one pre-faulted allocation per parameter, big chunked reads)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Protocol
 import torch
 
 from shardstate.config import ModelConfig
+from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
+from shardstate.io.engine import Scratch, Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked
 from shardstate.models import build_on_meta
@@ -21,7 +24,8 @@ class TensorSource(Protocol):
     files: list[Path]  # what is converted from, for the manifest
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:
-        """The whole source tensors that parameter `name` (described by `spec`) is cut from."""
+        """The whole source tensors that parameter `name` (described by `spec`) is cut from; valid until
+        the next call (they may share memory the next call reads into)."""
         ...
 
 
@@ -30,14 +34,12 @@ class CheckpointSource:
         self.checkpoint = open_checked(specs, root, account)
         self.files = [h.path for h in self.checkpoint.headers]
         self.account = account
+        self.scratch = Scratch()
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:
-        result = {}
-        for part in spec.parts:
-            location = self.checkpoint.tensors[part.source]
-            entry = location.entry
-            result[part.source] = self.account.read_tensor(location.file, entry.begin, entry.dtype, entry.shape)
-        return result
+        locations = {part.source: self.checkpoint.tensors[part.source] for part in spec.parts}
+        tensors = read_entries(list(locations.values()), self.account, self.scratch)
+        return dict(zip(locations, tensors, strict=True))
 
 
 class ShardedSource:
@@ -55,12 +57,19 @@ class ShardedSource:
         self.locations = [index_rank(state, rank, needs, account) for rank in range(self.tp_size)]
         self.files = [path for rank in range(self.tp_size) for path in state.rank_paths(rank)]
         self.account = account
+        self.scratch = Scratch()
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:
         saved = self.specs[name]
         whole = {p.source: torch.empty(p.shape, dtype=self.dtype) for p in saved.parts}
-        for rank, locations in enumerate(self.locations):
-            entry = locations[name].entry
-            local = self.account.read_tensor(locations[name].file, entry.begin, entry.dtype, entry.shape)
-            saved.put(rank, local, whole)
+        local = read_entries([locations[name] for locations in self.locations], self.account, self.scratch)
+        for rank, tensor in enumerate(local):
+            saved.put(rank, tensor, whole)
         return whole
+
+
+def read_entries(locations: list[TensorLocation], account: ReadAccount, scratch: Scratch) -> list[torch.Tensor]:
+    """The tensors at `locations`, read together into `scratch` (valid until its next use)."""
+    spans = [Span(loc.file, loc.entry.begin, loc.entry.end) for loc in locations]
+    raw = read_spans(spans, "read", account, scratch=scratch)
+    return [data.view(loc.entry.dtype).view(loc.entry.shape) for data, loc in zip(raw, locations, strict=True)]

@@ -31,14 +31,14 @@ SMOKE_MODEL = {"vocab_size": 203, "hidden_size": 64, "intermediate_size": 96, "n
                "num_attention_heads": 4, "num_key_value_heads": 2}
 PROMPT = [1, 2, 3, 4]
 VERIFY_ROUNDS = 5
-SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads, on the sharded state?)
-    ("default", "default", "read", 1, False),
-    ("sliced", "sliced", "read", 1, False),
-    ("sharded read", "sharded", "read", 1, True),
+SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads (None: the default), on the sharded state?)
+    ("default", "default", "read", None, False),
+    ("sliced", "sliced", "read", None, False),
+    ("sharded read", "sharded", "read", None, True),
     ("sharded read 2 threads", "sharded", "read", 2, True),
-    ("sharded read + verify", "sharded", "read+verify", 1, True),
-    ("sharded mmap", "sharded", "mmap", 1, True),
-    ("sharded direct", "sharded", "direct", 1, True),
+    ("sharded read + verify", "sharded", "read+verify", None, True),
+    ("sharded mmap", "sharded", "mmap", None, True),
+    ("sharded direct", "sharded", "direct", None, True),
 ]
 
 
@@ -98,7 +98,7 @@ def summarize(per_rank: list[dict]) -> dict:
             "per_rank": per_rank}
 
 
-def shardstate_run(model_dir: Path, tp: int, load_format: str, io: str, threads: int) -> dict:
+def shardstate_run(model_dir: Path, tp: int, load_format: str, io: str, threads: int | None) -> dict:
     io, _, verify = io.partition("+")
     with LLM(model_dir, tensor_parallel_size=tp, load_format=load_format, io=io, io_threads=threads,
              verify=bool(verify)) as llm:
@@ -117,8 +117,8 @@ def verify_cost(model_dir: Path, tp: int, rounds: int) -> list[dict]:
     for io in ("read", "mmap"):
         plain, checked = [], []
         for _ in range(rounds):
-            plain.append(shardstate_run(model_dir, tp, "sharded", io, 1)["seconds"])
-            checked.append(shardstate_run(model_dir, tp, "sharded", f"{io}+verify", 1)["seconds"])
+            plain.append(shardstate_run(model_dir, tp, "sharded", io, None)["seconds"])
+            checked.append(shardstate_run(model_dir, tp, "sharded", f"{io}+verify", None)["seconds"])
         extra = statistics.median(checked) - statistics.median(plain)
         costs.append({"tp": tp, "io": io, "seconds": plain, "seconds_verify": checked, "extra_seconds": extra,
                       "extra_fraction": extra / statistics.median(plain)})

@@ -78,6 +78,20 @@ class Arena:
         return memoryview(self._map)[offset : offset + size]
 
 
+class Scratch:
+    """An arena kept across reads, for a caller that needs one batch of spans at a time (the converter,
+    one parameter at a time): its pages are faulted in once, not on every read. Tensors from one read
+    are valid until the next read into the same Scratch."""
+
+    def __init__(self) -> None:
+        self._arena: Arena | None = None
+
+    def arena(self, size: int) -> Arena:
+        if self._arena is None or self._arena.size < size:
+            self._arena = Arena(size)  # the old one is freed once the previous read's tensors are gone
+        return self._arena
+
+
 def _pread_exact(fd: int, dest: memoryview, offset: int, path: Path) -> int:
     done = 0
     while done < len(dest):
@@ -146,10 +160,12 @@ def _read_chunks(
 
 
 def read_spans(
-    spans: list[Span], mode: str, account: ReadAccount, threads: int = 1, digests: StreamingDigests | None = None
+    spans: list[Span], mode: str, account: ReadAccount, threads: int = 1, digests: StreamingDigests | None = None,
+    scratch: Scratch | None = None,
 ) -> list[torch.Tensor]:
     """The bytes of each span as a uint8 CPU tensor (views of one arena, or of file mappings). In read
-    mode, `digests` is fed every byte as it arrives (chunks then start on its tensor boundaries)."""
+    mode, `digests` is fed every byte as it arrives (chunks then start on its tensor boundaries); with
+    `scratch` the arena is reused from the previous call."""
     if mode == "mmap":
         return [_map_span(span, account) for span in spans]
     if mode not in ("read", "direct"):
@@ -164,7 +180,7 @@ def read_spans(
         cursor = _align_up(cursor, max(align, 64))
         regions.append((cursor, first, last))
         cursor += last - first
-    arena = Arena(cursor)
+    arena = scratch.arena(cursor) if scratch is not None else Arena(cursor)
     chunks = [
         Chunk(span.path, lo, base + lo - first, hi - lo, max(0, min(hi, span.end) - lo))
         for span, (base, first, last) in zip(spans, regions, strict=True)
