@@ -15,7 +15,7 @@ def test_bench_smoke(tmp_path):
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
     runs = {(r["name"], r["cache"]): r for r in results["runs"]}
     for cache in ("warm", "cold"):
-        for name in ("default", "sliced", "sharded read", "sharded read 2 threads", "sharded mmap",
+        for name in ("default", "sliced", "sharded read", "sharded read 1 thread", "sharded mmap",
                      "sharded direct", "limit (readinto)", "safetensors load_file+copy"):
             run = runs[name, cache]
             assert len(run["per_rank"]) == 2 and all(r["bytes_read"] > 0 and r["peak_rss"] > 0 for r in run["per_rank"])

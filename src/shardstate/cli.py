@@ -114,7 +114,7 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io", choices=IO_MODES, default="read",
                         help="sharded loads: read (default), mmap (alias the page cache), direct (O_DIRECT)")
     parser.add_argument("--io-threads", type=int, default=None, metavar="N",
-                        help="parallel reads per rank (default: the rank's share of CPU cores, at most 8)")
+                        help="parallel reads per rank (default: the rank's share of CPU cores, 2 to 8)")
     parser.add_argument("--verify", action="store_true", help="sharded loads: check every tensor's checksum")
     parser.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
                         help="stop every rank when one lags this long behind the others (default 120)")

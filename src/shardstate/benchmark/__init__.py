@@ -35,7 +35,7 @@ SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads (None: the defaul
     ("default", "default", "read", None, False),
     ("sliced", "sliced", "read", None, False),
     ("sharded read", "sharded", "read", None, True),
-    ("sharded read 2 threads", "sharded", "read", 2, True),
+    ("sharded read 1 thread", "sharded", "read", 1, True),
     ("sharded read + verify", "sharded", "read+verify", None, True),
     ("sharded mmap", "sharded", "mmap", None, True),
     ("sharded direct", "sharded", "direct", None, True),

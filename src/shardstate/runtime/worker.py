@@ -22,7 +22,10 @@ from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.layers import materialize
 from shardstate.state_writer import StatePlan
 
-MAX_IO_THREADS = 8  # a cap, so a large host does not start dozens of reader threads per rank
+# Reader threads per rank unless asked: the rank's share of the cores, but at least 2 (one thread's page
+# faults overlap the other's copy; 2 beat 1 at TP=1, 2 and 4, warm and cold, even with 4 ranks on 2
+# cores: bench/results.md) and at most 8 (a large host does not start dozens of threads per rank).
+MIN_IO_THREADS, MAX_IO_THREADS = 2, 8
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class WorkerArgs:
     load_format: str
     dtype: str | None  # None: the sharded state's, else config.json's, else the weights'
     io_mode: str = "read"
-    io_threads: int | None = None  # None: this rank's share of the host's cores, at most MAX_IO_THREADS
+    io_threads: int | None = None  # None: see MIN_IO_THREADS
     verify: bool = False
 
 
@@ -43,7 +46,7 @@ class Worker:
         self.model = build_on_meta(config, group, dtype)
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
-        threads = args.io_threads or min(MAX_IO_THREADS, cores_per_rank(group.size))
+        threads = args.io_threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, cores_per_rank(group.size)))
         io = IOOptions(args.io_mode, threads, str(device), args.verify)
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
