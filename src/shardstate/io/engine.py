@@ -26,7 +26,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.io.digests import StreamingDigests
-from shardstate.io.reader import ReadAccount
+from shardstate.io.reader import ReadAccount, pread_exact
 
 IO_MODES = ("read", "mmap", "direct")
 CHUNK = 16 << 20
@@ -92,16 +92,6 @@ class Scratch:
         return self._arena
 
 
-def _pread_exact(fd: int, dest: memoryview, offset: int, path: Path) -> int:
-    done = 0
-    while done < len(dest):
-        n = os.preadv(fd, [dest[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
 @dataclass(frozen=True)
 class Chunk:
     """One reader task: `length` bytes of `path` from `offset` into the arena, read in pieces of at most
@@ -144,7 +134,7 @@ def _read_chunks(
             for piece in range(at, min(at + CHUNK, chunk.length), step):
                 length = min(step, at + CHUNK - piece, chunk.length - piece)
                 view = arena.view(chunk.arena_offset + piece, length)
-                got = _pread_exact(fd, view, chunk.offset + piece, path)
+                got = pread_exact(fd, view, chunk.offset + piece)
                 if got < min(length, chunk.needed - piece):
                     raise ShardstateError(f"file ends before byte {chunk.offset + chunk.needed}", path,
                                           "the file is truncated")
@@ -232,7 +222,7 @@ def read_spans_to_device(
             if done_events[slot] is not None:
                 done_events[slot].synchronize()  # the copy out of this buffer has finished
             host = buffers[slot][:length]
-            if _pread_exact(fds[span.path], memoryview(host.numpy()), offset, span.path) < length:
+            if pread_exact(fds[span.path], memoryview(host.numpy()), offset) < length:
                 raise ShardstateError(f"file ends before byte {offset + length}", span.path, "the file is truncated")
             account.bytes_read += length
             if digests is not None:

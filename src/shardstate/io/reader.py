@@ -18,6 +18,17 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+def pread_exact(fd: int, dest: memoryview, offset: int) -> int:
+    """Fill `dest` from `fd` at `offset` (preadv until done or end of file); the bytes read."""
+    done = 0
+    while done < len(dest):
+        n = os.preadv(fd, [dest[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
 class ReadAccount:
     """Open files once, pread into caller memory, and count files and bytes for the load report."""
 
@@ -47,15 +58,11 @@ class ReadAccount:
 
     def read_into(self, path: Path, offset: int, dest: memoryview) -> None:
         """Fill `dest` from `path` at `offset` exactly; a short file is an error, not zeros."""
-        fd = self.open_fd(path)
-        done = 0
-        while done < len(dest):
-            n = os.preadv(fd, [dest[done:]], offset + done)
-            if n == 0:
-                raise ShardstateError(
-                    f"file ends before byte {offset + len(dest)}", path, "the file is truncated: re-create it"
-                )
-            done += n
+        done = pread_exact(self.open_fd(path), dest, offset)
+        if done < len(dest):
+            raise ShardstateError(
+                f"file ends before byte {offset + len(dest)}", path, "the file is truncated: re-create it"
+            )
         self.bytes_read += done
 
     def read_tensor(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -23,8 +23,9 @@ from shardstate.runtime.layers import materialize
 from shardstate.state_writer import StatePlan
 
 # Reader threads per rank unless asked: the rank's share of the cores, but at least 2 (one thread's page
-# faults overlap the other's copy; 2 beat 1 at TP=1, 2 and 4, warm and cold, even with 4 ranks on 2
-# cores: bench/results.md) and at most 8 (a large host does not start dozens of threads per rank).
+# faults overlap the other's copy: on 2 cores, 2 threads were faster at TP=1 and never slower beyond
+# noise at TP=2 and 4, even with 4 ranks; bench/results.md) and at most 8 (a large host does not
+# start dozens of reader threads per rank).
 MIN_IO_THREADS, MAX_IO_THREADS = 2, 8
 
 
