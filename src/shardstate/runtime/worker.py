@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -86,7 +87,8 @@ def describe(exc: BaseException, rank: int) -> tuple[str, str]:
     driver can name the ranks that did not answer); bad input as it is; anything else as an internal
     error on this rank."""
     if is_collective_timeout(exc):
-        return "timeout", f"rank {rank} timed out waiting for its peers ({str(exc).splitlines()[0][-120:]})"
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).splitlines()[0])[:160]  # drop gloo's "[file:line]"
+        return "timeout", f"rank {rank} timed out waiting for its peers ({detail})"
     if isinstance(exc, ShardstateError):
         return "error", str(exc)
     if os.environ.get("SHARDSTATE_DEBUG"):
