@@ -49,6 +49,10 @@ def targets(results: dict) -> list[str]:
     cold = [f"TP={tp} {ratio - 1:+.2f}" for tp in tps
             if (ratio := _ratio(results, "sharded read", "sharded read + verify", tp, "cold")) is not None]
     lines.append(f"- --verify cost, cold, --io read (one load each): {', '.join(cold) or 'n/a'}")
+    for run in results["runs"]:
+        if len(run.get("seconds_each", [])) > 1:
+            each = ", ".join(f"{t:.2f}" for t in run["seconds_each"])
+            lines.append(f"- {run['name']} TP={run['tp']} {run['cache']}: loads took {each} s (table: median)")
     rss = []
     for tp in tps:
         run = _find(results, "sharded read", tp, "warm")
