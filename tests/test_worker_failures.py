@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import PROMPTS
 from shardstate import LLM, ShardstateError
+
+BIN = Path(sys.executable).parent
 
 
 def test_dead_worker_fails_the_next_call_fast_and_reaps_all(checkpoints):
@@ -55,3 +60,43 @@ def test_rank_silent_after_another_answered_stops_every_rank_after_the_timeout(c
 def test_timeout_must_be_positive(checkpoints):
     with pytest.raises(ShardstateError, match="timeout 0 is not a positive number of seconds"):
         LLM(checkpoints["gqa_untied"], tensor_parallel_size=2, timeout=0)
+
+
+def processes_with_env(*entries: bytes) -> list[int]:
+    """PIDs of processes whose environment holds every one of `entries` (b"NAME=value")."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if entry.name.isdigit() and all(e in environ for e in entries):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_hung_rank_under_torchrun_is_one_error_and_no_leftovers(checkpoints, tmp_path):
+    """Rank 1 frozen as soon as torchrun starts it: rank 0 gives up after --timeout (in the rendezvous,
+    the barrier or a collective, wherever rank 1 stopped), prints one error line and exits; torchrun then
+    tears rank 1 down (it waits ~30 s before killing a stopped child)."""
+    marker = f"SHARDSTATE_TEST_MARKER={tmp_path}".encode()  # only this test's processes carry it
+    proc = subprocess.Popen(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python", str(BIN / "shardstate"),
+         "generate", str(checkpoints["gqa_untied"]), "--tp", "2", "--timeout", "3", "--prompt-ids", "1,2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SHARDSTATE_TEST_MARKER": str(tmp_path)},
+    )
+    deadline = time.monotonic() + 60
+    rank1 = []
+    while not rank1 and time.monotonic() < deadline:
+        rank1 = processes_with_env(marker, b"LOCAL_RANK=1")
+        time.sleep(0.02)
+    assert rank1, "torchrun never started rank 1"
+    for pid in rank1:
+        os.kill(pid, signal.SIGSTOP)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert ours and "rank 0 timed out waiting for its peers" in ours[0], stderr[-3000:]
+    assert not processes_with_env(marker)

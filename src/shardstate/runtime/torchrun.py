@@ -26,8 +26,8 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
     config.check_tp_size(world)
     codec = PromptCodec(Path(args.model), config)
     prompt_ids = codec.encode(args.prompts)
-    group = init_group(rank, world, timeout_s=args.timeout)
     try:
+        group = init_group(rank, world, timeout_s=args.timeout)  # the rendezvous times out like a collective
         args_for_worker = WorkerArgs(
             str(args.model), args.load_format, args.dtype, args.io, args.io_threads, args.verify
         )

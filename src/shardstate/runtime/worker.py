@@ -78,8 +78,10 @@ class Worker:
 
 
 def is_collective_timeout(exc: BaseException) -> bool:
-    """gloo/NCCL/the rendezvous store give up on a peer with a RuntimeError that says so."""
-    return isinstance(exc, RuntimeError) and "timed out" in str(exc).lower()
+    """gloo/NCCL ("Timed out waiting 3000ms ...") and the rendezvous store ("wait timeout after 3000ms")
+    give up on a peer with a RuntimeError that says so."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def describe(exc: BaseException, rank: int) -> tuple[str, str]:
