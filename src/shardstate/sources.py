@@ -1,6 +1,6 @@
 """Whole checkpoint tensors for the converter, one parameter's worth at a time: read from a HF
 checkpoint, or reassembled from every rank's slices of a sharded state (resharding). Reads go through
-the load I/O engine (one pre-faulted allocation per parameter, big chunked reads)."""
+the load I/O engine into one scratch allocation reused for every parameter (faulted in once)."""
 
 from __future__ import annotations
 

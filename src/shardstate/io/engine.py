@@ -58,8 +58,8 @@ def _align_up(n: int, a: int) -> int:
 
 class Arena:
     """One anonymous, page-aligned allocation. Tensors made from it keep it alive. Pages are faulted in
-    chunk by chunk just before each read (`populate`), which is cheaper than faulting during the copy
-    and lets several reader threads share the work."""
+    chunk by chunk just before each read (`populate`, one madvise per chunk). On the 2-core VM that was
+    faster than faulting inside the copy with one reader thread and about 10% slower with two."""
 
     def __init__(self, size: int):
         self.size = max(size, 1)

@@ -36,7 +36,7 @@ class IOOptions:
     mode: str = "read"  # read | mmap | direct (io/engine.py)
     threads: int = 1
     device: str = "cpu"  # where the sharded loader puts parameters (cuda:N reads through pinned buffers)
-    verify: bool = False  # sharded: check every tensor's xxh3-64 against the manifest after reading
+    verify: bool = False  # sharded: check every tensor's xxh3-64 against the manifest (while reading)
 
 
 @dataclass(frozen=True)
