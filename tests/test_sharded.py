@@ -88,9 +88,10 @@ def damaged(sharded_tp2: Path, tmp_path: Path, damage) -> Path:
 
 
 def rewrite_rank0(edit):
+    """Rewrite rank 0's file with its tensors edited, keeping its metadata (its record of state and rank)."""
     def damage(directory: Path) -> None:
         path = directory / "model-rank-0-part-0.safetensors"
-        save_file(edit(load_file(path)), path, metadata={"format": "pt"})
+        save_file(edit(load_file(path)), path, metadata=read_header(path).metadata)
 
     return damage
 
@@ -131,9 +132,9 @@ def edit_config(directory: Path) -> None:
         ("different config", "2", edit_config, "config.json differs"),
         ("wrong dtype", "2", None, "saved as F32, running BF16"),
         ("manifest names a file outside", "2", lambda d: rename_in_manifest(d, "../model-rank-0-part-0.safetensors"),
-         "manifest names file '../model-rank-0-part-0.safetensors' outside the directory"),
+         "manifest field 'files' names '../model-rank-0-part-0.safetensors', not a plain file name inside"),
         ("manifest names an absolute path", "2", lambda d: rename_in_manifest(d, "/etc/passwd"),
-         "manifest names file '/etc/passwd' outside the directory"),
+         "manifest field 'files' names '/etc/passwd', not a plain file name inside the directory"),
         ("symlink outside", "2", lambda d: link_outside(d, "model-rank-1-part-0.safetensors"),
          "model-rank-1-part-0.safetensors leads outside the directory"),
         ("rank file is a FIFO", "2", lambda d: replace_with_fifo(d / "model-rank-1-part-0.safetensors"),
@@ -141,18 +142,18 @@ def edit_config(directory: Path) -> None:
         ("manifest is a FIFO", "2", lambda d: replace_with_fifo(d / "shardstate.json"), "not a regular file"),
         ("config is a FIFO", "2", lambda d: replace_with_fifo(d / "config.json"), "not a regular file"),
         ("partial manifest", "2", lambda d: (d / "shardstate.json").write_text('{"format": "shards'),
-         "unreadable manifest"),
+         "manifest is not valid JSON"),
         ("future manifest version", "2", lambda d: (d / "shardstate.json").write_text(
             json.dumps({**json.loads((d / "shardstate.json").read_text()), "version": 99})),
          "manifest version 99, this shardstate reads version 1"),
         ("extra key", "2", rewrite_rank0(lambda st: {**st, "model.extra.weight": torch.zeros(2)}),
          "unexpected tensor 'model.extra.weight'"),
         ("missing key", "2", rewrite_rank0(lambda st: {k: v for k, v in st.items() if k != QKV}),
-         f"rank 0 lacks tensor '{QKV}'"),
+         f"lacks tensor '{QKV}' (1 missing)"),
         ("wrong shape in file", "2", rewrite_rank0(lambda st: {**st, QKV: st[QKV][:-1].contiguous()}),
-         f"tensor '{QKV}' is F32[63, 64], the model needs F32[64, 64]"),
+         f"tensor '{QKV}' is F32[63, 64], manifest says F32[64, 64]"),
         ("wrong dtype in file", "2", rewrite_rank0(lambda st: {**st, QKV: st[QKV].half()}),
-         f"tensor '{QKV}' is F16[64, 64], the model needs F32[64, 64]"),
+         f"tensor '{QKV}' is F16[64, 64], manifest says F32[64, 64]"),
     ],
 )
 def test_sharded_load_refusals(sharded_tp2, tmp_path, case, tp, damage, expected):
@@ -166,7 +167,7 @@ def test_sharded_load_refusals(sharded_tp2, tmp_path, case, tp, damage, expected
 def test_convert_refuses_existing_output_without_force(checkpoints, sharded_tp2):
     before = sorted(p.name for p in sharded_tp2.iterdir())
     assert_one_error(shardstate("convert", str(checkpoints["gqa_untied"]), str(sharded_tp2), "--tp", "2"),
-                     "output exists")
+                     "output is a sharded state already")
     assert sorted(p.name for p in sharded_tp2.iterdir()) == before
 
 
@@ -182,6 +183,14 @@ def test_fifo_in_place_of_a_weight_file_is_refused_not_waited_on(checkpoints, sh
     assert result.returncode == 1 and "BAD model-rank-0-part-0.safetensors: " in result.stdout, result.stdout
 
 
+def assert_same_but_state_id(a: Path, b: Path) -> None:
+    """Two rank files of different states holding the same thing: byte-identical but for the state id
+    each records in its metadata (random, once per state)."""
+    state_a, state_b = read_header(a).metadata["state"], read_header(b).metadata["state"]
+    assert state_a != state_b
+    assert a.read_bytes().replace(state_a.encode(), state_b.encode()) == b.read_bytes(), a.name
+
+
 @pytest.mark.parametrize("saved_tp,target_tp", [(4, 2), (2, 4), (1, 4), (4, 1)])
 @pytest.mark.parametrize("name", ["gqa_untied", "mha_tied"])
 def test_reshard_equals_direct_convert(checkpoints, tmp_path, name, saved_tp, target_tp):
@@ -194,11 +203,17 @@ def test_reshard_equals_direct_convert(checkpoints, tmp_path, name, saved_tp, ta
     direct = convert(src, tmp_path / "direct", target_tp, max_part_bytes=70_000)
     assert resharded.files == direct.files
     for file in direct.files:
-        assert (tmp_path / "resharded" / file).read_bytes() == (tmp_path / "direct" / file).read_bytes(), file
+        assert_same_but_state_id(tmp_path / "resharded" / file, tmp_path / "direct" / file)
     manifest = json.loads((tmp_path / "resharded" / "shardstate.json").read_text())
     assert manifest["tp_size"] == target_tp
     assert sorted(s["name"] for s in manifest["source"]) == sorted(p.name for p in saved.glob("*.safetensors"))
-    assert manifest["files"] == json.loads((tmp_path / "direct" / "shardstate.json").read_text())["files"]
+    direct_manifest = json.loads((tmp_path / "direct" / "shardstate.json").read_text())
+    assert manifest["tensors"] == direct_manifest["tensors"]  # same layouts, same digests
+
+    def without_crc(files: dict) -> dict:  # a file's crc32 covers its state id
+        return {name: {k: v for k, v in record.items() if k != "crc32"} for name, record in files.items()}
+
+    assert without_crc(manifest["files"]) == without_crc(direct_manifest["files"])
 
 
 @pytest.mark.parametrize("tp", [1, 2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda tp: f"tp{tp}")
@@ -213,7 +228,7 @@ def test_save_from_live_workers_equals_convert(checkpoints, tmp_path, tp):
         live_tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
     assert files == convert(src, direct, tp, max_part_bytes=60_000).files
     for file in files:
-        assert (saved / file).read_bytes() == (direct / file).read_bytes(), file
+        assert_same_but_state_id(saved / file, direct / file)
     assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in direct.iterdir())
     with LLM(saved, tensor_parallel_size=tp) as llm:
         assert llm.load_reports[0].files[0].startswith(str(saved / "model-rank-0-part-"))

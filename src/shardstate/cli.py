@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LOAD_FORMATS
+from shardstate.runtime.llm import IO_THREADS_RANGE, TIMEOUT_RANGE_S
+from shardstate.stops import Stopped, raising_stops
 
 if TYPE_CHECKING:
     from shardstate.runtime.llm import LLM
@@ -33,19 +36,41 @@ class _AppendPrompt(argparse.Action):
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+MAX_SIZE = 1 << 50  # 1 PiB: far above any part file; a larger size is a typo
+MAX_TP = 1024  # far above any real TP group; a larger --tp is a typo
+MAX_NEW_TOKENS = 1 << 20  # prompt + new tokens must also fit the model's max_position_embeddings
 
 
 def parse_size(text: str) -> int:
-    """'300KB' -> 300000, '64MiB' -> 67108864."""
+    """'300KB' -> 300000, '64MiB' -> 67108864; from 1 byte to MAX_SIZE."""
     number = text.rstrip("BbKkMmGgIi")
     unit = text[len(number):].upper()
     try:
-        value = int(float(number) * SIZE_UNITS[unit])
+        value = float(number) * SIZE_UNITS[unit]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 300KB, 64MiB or 5GiB") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
-    return value
+    if not 1 <= value <= MAX_SIZE:  # also refuses inf and nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size from 1 byte to 1PiB")
+    return int(value)
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+tp_size = int_in(1, MAX_TP)
+new_tokens = int_in(0, MAX_NEW_TOKENS)
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -63,7 +88,10 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_save(args: argparse.Namespace) -> None:
+    from shardstate.store.output import check_output
+
     start = time.perf_counter()
+    check_output(args.out, args.src, args.force)  # before starting workers; checked again when publishing
     with start_llm(args.src, args) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force)
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
@@ -100,23 +128,25 @@ def run_verify(args: argparse.Namespace) -> None:
                               "re-create the sharded state")
 
 
-def positive_seconds(text: str) -> float:
+def timeout_seconds(text: str) -> float:
+    """Finite seconds within the LLM's TIMEOUT_RANGE_S."""
+    low, high = TIMEOUT_RANGE_S
     try:
         value = float(text)
     except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        value = math.nan
+    if not low <= value <= high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from {low} to {high}")
     return value
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io", choices=IO_MODES, default="read",
                         help="sharded loads: read (default), mmap (alias the page cache), direct (O_DIRECT)")
-    parser.add_argument("--io-threads", type=int, default=None, metavar="N",
+    parser.add_argument("--io-threads", type=int_in(*IO_THREADS_RANGE), default=None, metavar="N",
                         help="parallel reads per rank (default: the rank's share of CPU cores, 2 to 8)")
     parser.add_argument("--verify", action="store_true", help="sharded loads: check every tensor's checksum")
-    parser.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=timeout_seconds, default=120.0, metavar="SECONDS",
                         help="stop every rank when one lags this long behind the others (default 120)")
 
 
@@ -132,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the main job on an embedded default model")
-    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--max-new-tokens", type=new_tokens, default=16)
 
     conv = commands.add_parser("convert", help="HF checkpoint -> sharded state (offline, one process, CPU)")
     conv.add_argument("src", type=Path)
     conv.add_argument("out", type=Path)
-    conv.add_argument("--tp", type=int, required=True)
+    conv.add_argument("--tp", type=tp_size, required=True)
     conv.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     conv.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE",
                       help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
@@ -147,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")
     save.add_argument("src", type=Path)
     save.add_argument("out", type=Path)
-    save.add_argument("--tp", type=int, required=True)
+    save.add_argument("--tp", type=tp_size, required=True)
     save.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
@@ -163,21 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="load-time benchmark against peers (JSON, markdown, PNG)")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="where results.{json,md,png} go")
     bench.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark model lives")
-    bench.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    bench.add_argument("--tp", type=tp_size, nargs="+", default=[1, 2, 4])
     bench.add_argument("--smoke", action="store_true", help="a tiny model: checks the harness, times nothing")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
     gen = commands.add_parser("generate", help="load MODEL on TP workers and generate greedily")
     gen.add_argument("model", type=Path, help="Hugging Face model directory")
-    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel size (under torchrun: the world size)")
+    gen.add_argument("--tp", type=tp_size, default=1, help="tensor-parallel size (under torchrun: the world size)")
     gen.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                      help="auto: sharded for a sharded state, else default")
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     gen.add_argument("--prompt", dest="prompts", action=_AppendPrompt, help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, metavar="1,2,3", help="token ids")
     add_worker_options(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--max-new-tokens", type=new_tokens, default=16)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -193,9 +223,22 @@ def run_generate(args: argparse.Namespace) -> None:
         if result is not None:  # rank 0
             print_generation(*result, args.json)
         return
+    refuse_generation_too_long(args)  # before loading: LLM.generate checks again
     with start_llm(args.model, args) as llm:
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
+
+
+def refuse_generation_too_long(args: argparse.Namespace) -> None:
+    from shardstate.config import load_config
+    from shardstate.dtypes import resolve_dtype
+    from shardstate.models import check_generation_fits
+    from shardstate.runtime.prompts import PromptCodec
+
+    config = load_config(args.model)
+    prompt_ids = PromptCodec(args.model, config).encode(args.prompts)
+    dtype = resolve_dtype(args.dtype, config, args.model)
+    check_generation_fits(config, prompt_ids, args.max_new_tokens, args.tp, dtype, ranks_here=args.tp)
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -232,16 +275,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "generate" and not args.prompts:
         parser.error("generate needs at least one --prompt or --prompt-ids")
     try:
-        COMMANDS[args.command](args)
+        with raising_stops():
+            COMMANDS[args.command](args)
     except ShardstateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `shardstate ... | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except Stopped as stop:  # every `with` and `finally` on the way here has stopped workers, removed temporaries
+        print(f"error: stopped by {stop}; workers stopped, temporaries removed", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
+from shardstate.format.manifest import new_state_id
 from shardstate.format.sharded_state import is_sharded_state
 from shardstate.io.reader import ReadAccount
 from shardstate.models import build_on_meta
 from shardstate.progress import Progress
 from shardstate.runtime.distributed import TPGroup
 from shardstate.sources import CheckpointSource, ShardedSource, TensorSource
-from shardstate.state_writer import StatePlan, complete_state, staged_output
+from shardstate.store.output import staged_output
+from shardstate.store.writer import StatePlan, complete_state
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ def convert(
     config.check_tp_size(tp_size)
     torch_dtype = resolve_dtype(dtype, config, src)
     specs = build_on_meta(config, TPGroup(0, tp_size), torch_dtype).shard_specs()
-    plan = StatePlan.make(specs, torch_dtype, config.num_hidden_layers, max_part_bytes)
-    with staged_output(out, force) as tmp, ReadAccount() as account:
+    plan = StatePlan.make(specs, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id())
+    with staged_output(out, src, force) as tmp, ReadAccount() as account:
         source: TensorSource = (
             ShardedSource(src, config, account) if is_sharded_state(src)
             else CheckpointSource(src, specs, account)

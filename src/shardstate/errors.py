@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 class ShardstateError(Exception):
@@ -18,3 +20,19 @@ class ShardstateError(Exception):
         if todo:
             message += f": {todo}"
         super().__init__(message)
+
+
+def brief(value: object, limit: int = 40) -> str:
+    """repr() cut to `limit` characters: a message quotes bad input without echoing megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def failing_as(what: str, where: str | os.PathLike[str], todo: str) -> Iterator[None]:
+    """Turn an OSError in the block into ShardstateError(f"{what} ({strerror})", where, todo): the message
+    names the file the operation was about and says whether it was a read or a write."""
+    try:
+        yield
+    except OSError as exc:
+        raise ShardstateError(f"{what} ({exc.strerror or exc})", where, todo) from None

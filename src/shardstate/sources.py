@@ -11,7 +11,7 @@ import torch
 
 from shardstate.config import ModelConfig
 from shardstate.format.checkpoint import TensorLocation
-from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
+from shardstate.format.sharded_state import check_specs, index_rank, open_sharded_state, warn_legacy
 from shardstate.io.engine import Scratch, Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked
@@ -53,6 +53,8 @@ class ShardedSource:
         self.dtype = state.dtype
         self.tp_size = state.tp_size
         self.specs = build_on_meta(config, TPGroup(0, self.tp_size), self.dtype).shard_specs()
+        if state.manifest is not None:
+            check_specs(state.manifest, self.specs, state.manifest_path)
         needs = {name: (spec.local_shape(), self.dtype) for name, spec in self.specs.items()}
         self.locations = [index_rank(state, rank, needs, account) for rank in range(self.tp_size)]
         self.files = [path for rank in range(self.tp_size) for path in state.rank_paths(rank)]

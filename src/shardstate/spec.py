@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shardstate.errors import brief
+
 
 @dataclass(frozen=True)
 class Part:
@@ -143,3 +145,59 @@ def byte_runs(shape: tuple[int, ...], itemsize: int, dim: int, start: int, stop:
     if length == stride:  # the whole tensor
         return [(0, stride * outer)]
     return [(i * stride + start * inner, length) for i in range(outer)]
+
+
+SPEC_KINDS = ("replicated", "split", "fused", "vocab")
+MAX_PARTS = 64  # a fused parameter joins a handful of tensors (q, k, v; gate, up)
+MAX_DIMS = 8
+MAX_DIM_SIZE = 1 << 40
+
+
+def spec_to_json(s: ShardSpec) -> dict:
+    """The manifest's form of a spec (explicit, so that renaming a field here cannot silently change it)."""
+    return {
+        "kind": s.kind,
+        "tp_size": s.tp_size,
+        "parts": [
+            {"source": p.source, "shape": list(p.shape), "dim": p.dim, "chunks": p.chunks, "padded": p.padded}
+            for p in s.parts
+        ],
+    }
+
+
+def _int(doc: dict, key: str, low: int, high: int, where: str) -> int:
+    value = doc.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{where}.{key} is {brief(value)}, not an integer in [{low}, {high}]")
+    return value
+
+
+def spec_from_json(doc: object, where: str = "spec") -> ShardSpec:
+    """Parse and check a spec from the manifest; ValueError names the first bad field (`where` prefixes it)."""
+    if not isinstance(doc, dict) or set(doc) != {"kind", "tp_size", "parts"}:
+        raise ValueError(f"{where} is not an object with exactly kind, tp_size and parts")
+    if doc["kind"] not in SPEC_KINDS:
+        raise ValueError(f"{where}.kind is {brief(doc['kind'])}, not one of {', '.join(SPEC_KINDS)}")
+    tp_size = _int(doc, "tp_size", 1, 1 << 16, where)
+    raw_parts = doc["parts"]
+    if not isinstance(raw_parts, list) or not 1 <= len(raw_parts) <= MAX_PARTS:
+        raise ValueError(f"{where}.parts is not a list of 1 to {MAX_PARTS} parts")
+    parts = []
+    for n, raw in enumerate(raw_parts):
+        at = f"{where}.parts[{n}]"
+        if not isinstance(raw, dict) or set(raw) != {"source", "shape", "dim", "chunks", "padded"}:
+            raise ValueError(f"{at} is not an object with exactly source, shape, dim, chunks and padded")
+        shape = raw["shape"]
+        if not isinstance(raw["source"], str) or not raw["source"]:
+            raise ValueError(f"{at}.source is not a tensor name")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS
+                or not all(type(d) is int and 0 < d <= MAX_DIM_SIZE for d in shape)):
+            raise ValueError(f"{at}.shape is {brief(shape)}, not 1 to {MAX_DIMS} positive sizes")
+        dim = _int(raw, "dim", 0, len(shape) - 1, at)
+        chunks = _int(raw, "chunks", 1, tp_size, at)
+        padded = None if raw["padded"] is None else _int(raw, "padded", shape[dim], MAX_DIM_SIZE, at)
+        parts.append(Part(raw["source"], tuple(shape), dim, chunks, padded))
+    try:
+        return ShardSpec(doc["kind"], tuple(parts), tp_size)
+    except ValueError as exc:  # __post_init__: parts that do not divide or do not fit together
+        raise ValueError(f"{where} {exc}") from None

@@ -7,11 +7,14 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shardstate.config import load_config
 from shardstate.errors import ShardstateError
-from shardstate.format.manifest import FORMAT_NAME, FORMAT_VERSION
-from shardstate.format.safetensors_header import DTYPE_NAMES, read_header
-from shardstate.format.sharded_state import check_inside, open_sharded_state
+from shardstate.format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
+from shardstate.format.safetensors_header import read_header
+from shardstate.format.sharded_state import check_inside, check_rank_file, check_specs, open_sharded_state
 from shardstate.io.files import open_regular
+from shardstate.models import build_on_meta
+from shardstate.runtime.distributed import TPGroup
 
 CHUNK = 16 << 20
 
@@ -24,7 +27,7 @@ def inspect_state(root: Path) -> dict:
         ranks.append({
             "rank": rank,
             "files": [{"name": n, "size": manifest.files[n]["size"]} for n in names],
-            "tensors": len(manifest.tensors.get(str(rank), {})),
+            "tensors": len(manifest.tensors[str(rank)]),
             "bytes": sum(manifest.files[n]["size"] for n in names),
         })
     return {
@@ -51,44 +54,32 @@ class FileCheck:
         return asdict(self)
 
 
-def _check_file(root: Path, name: str, record: dict, listed: dict[str, dict]) -> str | None:
+def _check_file(root: Path, name: str, manifest: Manifest) -> str | None:
     """The first thing wrong with one file, or None."""
     path = root / name
     if not path.exists():
         return "missing"
     try:
         check_inside(path, root)
+        check_rank_file(manifest, path, read_header(path))
     except ShardstateError as exc:
         return exc.what
-    size = path.stat().st_size
-    if size != record["size"]:
-        return f"size {size}, manifest says {record['size']}"
-    try:
-        header = read_header(path)
-    except ShardstateError as exc:
-        return exc.what
-    expected = {t: r for t, r in listed.items() if r["file"] == name}
-    if set(header.tensors) != set(expected):
-        extra, lacking = sorted(set(header.tensors) - set(expected)), sorted(set(expected) - set(header.tensors))
-        return f"tensors differ from the manifest (extra {extra[:3]}, missing {lacking[:3]})"
-    for tensor, entry in header.tensors.items():
-        if (DTYPE_NAMES[entry.dtype], list(entry.shape)) != (expected[tensor]["dtype"], expected[tensor]["shape"]):
-            return f"tensor '{tensor}' is {DTYPE_NAMES[entry.dtype]}{list(entry.shape)}, manifest says " \
-                   f"{expected[tensor]['dtype']}{expected[tensor]['shape']}"
     crc = 0
     with os.fdopen(open_regular(path), "rb") as f:
         while block := f.read(CHUNK):
             crc = zlib.crc32(block, crc)
-    if crc != record["crc32"]:
-        return f"checksum {crc:08x}, manifest says {record['crc32']:08x}: the file's bytes changed"
+    if crc != manifest.files[name]["crc32"]:
+        return f"checksum {crc:08x}, manifest says {manifest.files[name]['crc32']:08x}: the file's bytes changed"
     return None
 
 
 def verify_state(root: Path) -> list[FileCheck]:
-    """Check every file of the manifest (size, header, tensors, checksum); report each, not just the first."""
-    manifest = open_sharded_state(root).manifest
-    checks = []
-    for name, record in sorted(manifest.files.items()):
-        problem = _check_file(root, name, record, manifest.tensors.get(str(record["rank"]), {}))
-        checks.append(FileCheck(name, problem is None, problem))
-    return checks
+    """Refuse what load would refuse in the manifest (schema, config.json, the model's layout at the saved
+    TP size), then check every file (its own record, size, header, tensors, checksum) and report each,
+    not just the first."""
+    state = open_sharded_state(root)
+    config = load_config(root)
+    specs = build_on_meta(config, TPGroup(0, state.tp_size), state.dtype).shard_specs()
+    check_specs(state.manifest, specs, state.manifest_path)
+    return [FileCheck(name, (problem := _check_file(root, name, state.manifest)) is None, problem)
+            for name in sorted(state.manifest.files)]

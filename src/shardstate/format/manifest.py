@@ -1,41 +1,118 @@
 """shardstate.json: what a sharded-state directory holds, written last so that its presence means the
-directory is complete."""
+directory is complete.
+
+The manifest is read against an explicit schema: every field's type and range, the keys required and
+no others, cross-checks (each file's name is the pattern at its rank and part; every rank 0..tp-1 has
+parts 0..n-1; each tensor lies in a file of its own rank; specs parse and give the recorded shape). A
+wrong field is one ShardstateError naming it, found before anything is allocated from its values."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from shardstate.errors import ShardstateError
+from shardstate.errors import ShardstateError, brief
+from shardstate.format.safetensors_header import DTYPES
+from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import read_regular
+from shardstate.spec import ShardSpec, spec_from_json
 
 MANIFEST_NAME = "shardstate.json"
 FORMAT_NAME = "shardstate"
 FORMAT_VERSION = 1
 PP1_PATTERN = "model-rank-{rank}-part-{part}.safetensors"  # vLLM's, so vLLM can load the files
 CHECKSUM = "crc32"
+CONSTANT_SPEC = {"kind": "constant", "value": 1.0}  # vLLM's F32 scale scalars
+WRITER = "shardstate"
+
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_TP = 1 << 16
+MAX_PARTS_PER_RANK = 1 << 16
+MAX_FILE_BYTES = 1 << 50
+MAX_LIST = 1 << 16  # source files, side files
+HEX32 = re.compile(r"[0-9a-f]{32}")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX16 = re.compile(r"[0-9a-f]{16}")
+FIELDS = ("format", "version", "checksum", "state_id", "tp_size", "pp_size", "pattern", "architecture",
+          "config_sha256", "dtype", "quantization", "source", "side_files", "files", "tensors")
+FILE_FIELDS = {"rank", "part", "size", "crc32"}
+TENSOR_FIELDS = {"file", "dtype", "shape", "global_shape", "spec", "xxh3_64"}
+TODO = "re-create the sharded state (shardstate convert or save)"
 
 
 @dataclass
 class Manifest:
+    state_id: str  # random, written once per state into the manifest and every rank file's metadata
     tp_size: int
     architecture: str
     config_sha256: str
     dtype: str
     source: list[dict]  # [{"name", "size"}] of the checkpoint converted from
-    files: dict[str, dict] = field(default_factory=dict)  # name -> {"rank", "part", "size", "crc32"}
-    tensors: dict[str, dict[str, dict]] = field(default_factory=dict)  # rank -> name -> entry
+    side_files: list[str]  # copied unchanged from the source (config.json, tokenizer files...)
+    files: dict[str, dict]  # name -> {"rank", "part", "size", "crc32"}
+    tensors: dict[str, dict[str, dict]]  # rank -> name -> {"file", "dtype", "shape", "global_shape", ...}
     pp_size: int = 1
     pattern: str = PP1_PATTERN
     quantization: str | None = None
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": CHECKSUM, **self.__dict__}
+        return {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": CHECKSUM, "state_id": self.state_id,
+            "tp_size": self.tp_size, "pp_size": self.pp_size, "pattern": self.pattern,
+            "architecture": self.architecture, "config_sha256": self.config_sha256, "dtype": self.dtype,
+            "quantization": self.quantization, "source": self.source, "side_files": self.side_files,
+            "files": self.files, "tensors": self.tensors,
+        }
 
     def rank_files(self, rank: int) -> list[str]:
         return sorted((n for n, f in self.files.items() if f["rank"] == rank), key=lambda n: self.files[n]["part"])
+
+    def names_written(self) -> set[str]:
+        """Every entry of the directory that shardstate wrote: what `--force` may replace."""
+        return {MANIFEST_NAME, *self.files, *self.side_files}
+
+
+def new_state_id() -> str:
+    return uuid.uuid4().hex
+
+
+def rank_file_metadata(state_id: str, rank: int, tp_size: int, part: int) -> dict[str, str]:
+    """What every rank file says of itself in its safetensors metadata: which state, rank, TP size and part
+    it belongs to (so a file from another state or rank is refused even when the manifest was edited).
+    "writer" tells shardstate's files from vLLM's, which carry none of this."""
+    return {"format": "pt", "writer": WRITER, "state": state_id, "rank": str(rank), "tp_size": str(tp_size),
+            "part": str(part)}
+
+
+def check_pattern(pattern: str) -> str:
+    """A file-name pattern with {rank} and {part} that stays inside the directory."""
+    try:
+        name = pattern.format(rank=0, part=0)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        name = ""
+    if "{rank}" not in pattern or "{part}" not in pattern or not is_plain_name(name):
+        raise ShardstateError(
+            f"file-name pattern {brief(pattern)} is not usable", None,
+            f"use one with {{rank}} and {{part}} and no directory, like {PP1_PATTERN!r}",
+        )
+    if not name.endswith(".safetensors"):
+        raise ShardstateError(f"file-name pattern {brief(pattern)} does not end in .safetensors", None, "add it")
+    return pattern
+
+
+def is_plain_name(name: object) -> bool:
+    """A visible file name inside the directory: no separator, not hidden, not '.' or '..'."""
+    return isinstance(name, str) and 0 < len(name) <= 255 and Path(name).name == name and not name.startswith(".") \
+        and "\0" not in name
+
+
+def global_shape(spec: ShardSpec) -> list[int]:
+    """The checkpoint shape a parameter's parts add up to (recorded for people and tools)."""
+    return [sum(p.shape[0] for p in spec.parts), *spec.parts[0].shape[1:]]
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -51,28 +128,186 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
 def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST_NAME
     try:
-        doc = json.loads(read_regular(path))
+        doc = loads_strict(read_regular(path, MAX_MANIFEST_BYTES))
     except FileNotFoundError:
         raise ShardstateError(
             "no shardstate.json (the directory is incomplete or not a sharded state)", directory,
             "re-run `shardstate convert`",
         ) from None
-    except (OSError, ValueError) as exc:
-        raise ShardstateError(f"unreadable manifest ({exc})", path, "re-run `shardstate convert`") from None
+    except OSError as exc:
+        raise ShardstateError(f"unreadable manifest ({exc.strerror})", path, TODO) from None
+    except ValueError as exc:
+        raise ShardstateError(f"manifest is not valid JSON ({exc})", path, TODO) from None
+    return parse_manifest(doc, path)
+
+
+class _Reader:
+    """Field checks that raise one ShardstateError naming the manifest field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, problem: str) -> ShardstateError:
+        return ShardstateError(f"manifest field {field} {problem}", self.path, TODO)
+
+    def integer(self, field: str, value: object, low: int, high: int) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise self.fail(field, f"is {brief(value)}, not an integer in [{low}, {high}]")
+        return value
+
+    def text(self, field: str, value: object, pattern: re.Pattern | None = None, limit: int = 256) -> str:
+        if not isinstance(value, str) or not 0 < len(value) <= limit or (pattern and not pattern.fullmatch(value)):
+            raise self.fail(field, f"is {brief(value)}, not " + (f"matching {pattern.pattern}" if pattern else
+                                                                  f"a string of 1 to {limit} characters"))
+        return value
+
+    def name(self, field: str, value: object) -> str:
+        if not is_plain_name(value):
+            raise self.fail(field, f"names {brief(value)}, not a plain file name inside the directory")
+        return value
+
+    def obj(self, field: str, value: object, keys: set[str] | None = None) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(field, f"is {brief(value)}, not an object")
+        if keys is not None and set(value) != keys:
+            missing, extra = sorted(keys - set(value)), sorted(set(value) - keys)
+            raise self.fail(field, f"lacks {missing}" if missing else f"has unknown keys {brief(extra)}")
+        return value
+
+    def items(self, field: str, value: object, limit: int) -> list:
+        if not isinstance(value, list) or len(value) > limit:
+            raise self.fail(field, f"is {brief(value)}, not a list of at most {limit} entries")
+        return value
+
+    def shape(self, field: str, value: object) -> list[int]:
+        if not isinstance(value, list) or len(value) > 8 or not all(type(d) is int and 0 <= d < 1 << 40 for d in value):
+            raise self.fail(field, f"is {brief(value)}, not a shape (at most 8 sizes)")
+        return value
+
+
+def parse_manifest(doc: object, path: Path) -> Manifest:
+    """Check a parsed shardstate.json against the schema; the Manifest it describes."""
+    r = _Reader(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise ShardstateError("not a shardstate manifest", path, "re-run `shardstate convert`")
+        raise ShardstateError("not a shardstate manifest (no \"format\": \"shardstate\")", path, TODO)
     if doc.get("version") != FORMAT_VERSION:
-        raise ShardstateError(
-            f"manifest version {doc.get('version')!r}, this shardstate reads version {FORMAT_VERSION}", path,
-            "convert again with this shardstate, or upgrade it",
-        )
+        raise ShardstateError(f"manifest version {brief(doc.get('version'))}, this shardstate reads version "
+                              f"{FORMAT_VERSION}", path, "convert again with this shardstate, or upgrade it")
+    missing, extra = [k for k in FIELDS if k not in doc], sorted(set(doc) - set(FIELDS))
+    if missing:
+        raise ShardstateError(f"manifest lacks field '{missing[0]}' (written by an older shardstate?)", path, TODO)
+    if extra:
+        raise r.fail(brief(extra[0]), "is unknown to this shardstate")
+    if doc["checksum"] != CHECKSUM:
+        raise r.fail("'checksum'", f"is {brief(doc['checksum'])}, not {CHECKSUM!r}")
+    tp_size = r.integer("'tp_size'", doc["tp_size"], 1, MAX_TP)
+    r.integer("'pp_size'", doc["pp_size"], 1, 1)
     try:
-        fields = {k: doc[k] for k in ("tp_size", "architecture", "config_sha256", "dtype", "source", "files",
-                                      "tensors", "pp_size", "pattern", "quantization")}
-        manifest = Manifest(**fields)
-    except (KeyError, TypeError) as exc:
-        raise ShardstateError(f"manifest lacks {exc}", path, "re-run `shardstate convert`") from None
-    for name in manifest.files:
-        if Path(name).name != name or name.startswith("."):
-            raise ShardstateError(f"manifest names file {name!r} outside the directory", path, "refusing it")
+        pattern = check_pattern(doc["pattern"]) if isinstance(doc["pattern"], str) else None
+    except ShardstateError:
+        pattern = None
+    if pattern is None:
+        raise r.fail("'pattern'", f"is {brief(doc['pattern'])}, not a file-name pattern with {{rank}} and {{part}}")
+    if doc["quantization"] is not None:
+        raise r.fail("'quantization'", f"is {brief(doc['quantization'])}: this shardstate reads only null")
+    dtype = r.text("'dtype'", doc["dtype"])
+    if dtype not in DTYPES:
+        raise r.fail("'dtype'", f"is {brief(dtype)}, not one of {', '.join(DTYPES)}")
+    manifest = Manifest(
+        state_id=r.text("'state_id'", doc["state_id"], HEX32),
+        tp_size=tp_size,
+        architecture=r.text("'architecture'", doc["architecture"]),
+        config_sha256=r.text("'config_sha256'", doc["config_sha256"], HEX64),
+        dtype=dtype,
+        source=_source(r, doc["source"]),
+        side_files=_side_files(r, doc["side_files"]),
+        files=_files(r, doc["files"], tp_size, pattern),
+        tensors={},
+        pattern=pattern,
+    )
+    manifest.tensors = _tensors(r, doc["tensors"], manifest)
     return manifest
+
+
+def _source(r: _Reader, value: object) -> list[dict]:
+    for n, entry in enumerate(r.items("'source'", value, MAX_LIST)):
+        r.obj(f"source[{n}]", entry, {"name", "size"})
+        r.name(f"source[{n}].name", entry["name"])
+        r.integer(f"source[{n}].size", entry["size"], 0, MAX_FILE_BYTES)
+    return value  # type: ignore[return-value]
+
+
+def _side_files(r: _Reader, value: object) -> list[str]:
+    names = r.items("'side_files'", value, MAX_LIST)
+    for n, name in enumerate(names):
+        r.name(f"side_files[{n}]", name)
+    if len(set(names)) != len(names) or MANIFEST_NAME in names:
+        raise r.fail("'side_files'", "lists a name twice, or the manifest itself")
+    return names
+
+
+def _files(r: _Reader, value: object, tp_size: int, pattern: str) -> dict[str, dict]:
+    files = r.obj("'files'", value)
+    parts: dict[int, set[int]] = {}
+    for name, record in files.items():
+        r.name("'files'", name)
+        field = f"files[{name!r}]"
+        r.obj(field, record, FILE_FIELDS)
+        rank = r.integer(f"{field}.rank", record["rank"], 0, tp_size - 1)
+        part = r.integer(f"{field}.part", record["part"], 0, MAX_PARTS_PER_RANK - 1)
+        r.integer(f"{field}.size", record["size"], 8, MAX_FILE_BYTES)
+        r.integer(f"{field}.crc32", record["crc32"], 0, (1 << 32) - 1)
+        if name != pattern.format(rank=rank, part=part):
+            raise r.fail(field, f"says rank {rank} part {part}, but that file would be named "
+                                f"{pattern.format(rank=rank, part=part)}")
+        parts.setdefault(rank, set()).add(part)
+    for rank in range(tp_size):
+        found = parts.get(rank, set())
+        if found != set(range(len(found))) or not found:
+            raise r.fail("'files'", f"has parts {sorted(found)[:8]} for rank {rank}, not 0..n-1 (tp_size is "
+                                    f"{tp_size})")
+    return files
+
+
+def _tensors(r: _Reader, value: object, manifest: Manifest) -> dict[str, dict[str, dict]]:
+    ranks = r.obj("'tensors'", value)
+    if set(ranks) != {str(rank) for rank in range(manifest.tp_size)}:
+        raise r.fail("'tensors'", f"has ranks {brief(sorted(ranks))}, not 0..{manifest.tp_size - 1}")
+    used: set[str] = set()
+    for rank, tensors in ranks.items():
+        for name, record in r.obj(f"tensors[{rank}]", tensors).items():
+            field = f"tensors[{rank}][{brief(name, 160)}]"
+            r.obj(field, record, TENSOR_FIELDS)
+            r.text(f"{field}.file", record["file"])
+            if manifest.files.get(record["file"], {}).get("rank") != int(rank):
+                raise r.fail(f"{field}.file", f"is {brief(record['file'])}, not a file of rank {rank}")
+            used.add(record["file"])
+            if record["dtype"] not in DTYPES:
+                raise r.fail(f"{field}.dtype", f"is {brief(record['dtype'])}, not one of {', '.join(DTYPES)}")
+            shape = r.shape(f"{field}.shape", record["shape"])
+            r.shape(f"{field}.global_shape", record["global_shape"])
+            r.text(f"{field}.xxh3_64", record["xxh3_64"], HEX16)
+            _check_spec(r, field, record, shape, manifest)
+    unused = sorted(set(manifest.files) - used)
+    if unused:
+        raise r.fail("'files'", f"lists {unused[0]}, which holds no tensor")
+    return ranks
+
+
+def _check_spec(r: _Reader, field: str, record: dict, shape: list[int], manifest: Manifest) -> None:
+    """A constant scale is F32 []; a parameter's spec parses, is for this TP size, gives the recorded
+    shapes and has the state's dtype."""
+    if record["spec"] == CONSTANT_SPEC:
+        if (record["dtype"], shape, record["global_shape"]) != ("F32", [], []):
+            raise r.fail(field, "is a constant but not an F32 scalar")
+        return
+    try:
+        spec = spec_from_json(record["spec"], f"{field}.spec")
+    except ValueError as exc:
+        raise ShardstateError(f"manifest field {exc}", r.path, TODO) from None
+    if spec.tp_size != manifest.tp_size:
+        raise r.fail(f"{field}.spec.tp_size", f"is {spec.tp_size}, the state's tp_size is {manifest.tp_size}")
+    if list(spec.local_shape()) != shape or global_shape(spec) != record["global_shape"]:
+        raise r.fail(field, f"has shape {brief(shape)}, its spec gives {list(spec.local_shape())}")
+    if record["dtype"] != manifest.dtype:
+        raise r.fail(f"{field}.dtype", f"is {record['dtype']}, the state's dtype is {manifest.dtype}")

@@ -7,7 +7,6 @@ holds string-to-string metadata.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -83,8 +83,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except OSError as exc:
         raise ShardstateError(f"cannot read ({exc.strerror})", path, "check the path and permissions") from None
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        parsed = loads_strict(raw)
+    except ValueError as exc:
         raise _bad(path, f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise _bad(path, "header is not a JSON object")
@@ -105,15 +105,6 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     if cursor != file_size:
         raise _bad(path, f"data section ends at byte {cursor} but the file has {file_size} bytes")
     return SafetensorsHeader(path, data_start, {e.name: e for e in entries}, metadata)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
 
 
 def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:

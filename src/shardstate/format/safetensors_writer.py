@@ -3,10 +3,12 @@ tensors, then stream the data in that order."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -14,12 +16,13 @@ from typing import BinaryIO
 import torch
 import xxhash
 
+from shardstate.errors import failing_as
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.io.reader import byte_view
 
 ALIGNMENT = 8  # safetensors pads the header so the data section starts 8-byte aligned
 WRITE_BUFFER = 16 << 20
-WRITER_METADATA = {"format": "pt", "writer": "shardstate"}  # tells our files from vLLM's (which have none)
+WRITE_TODO = "check free space, file-size limits and permissions; nothing was published"
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,17 @@ def layout(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> 
 
 class RankWriter:
     """Writes one rank's part files strictly in layout order with large buffered writes, checksumming
-    as it goes (no second pass). Each `write` must be the next tensor of the layout, exactly."""
+    as it goes (no second pass). Each `write` must be the next tensor of the layout, exactly.
+    `metadata(part)` is the part file's safetensors metadata."""
 
-    def __init__(self, directory: Path, rank: int, parts: list[list[OutTensor]], pattern: str):
+    def __init__(
+        self, directory: Path, rank: int, parts: list[list[OutTensor]], pattern: str,
+        metadata: Callable[[int], dict[str, str]],
+    ):
         self.files: dict[str, dict] = {}  # name -> {"rank", "part", "size", "crc32"}
         self.digests: dict[str, str] = {}  # tensor -> xxh3-64 of its bytes (checked by --verify loads)
         self._pending = [(pattern.format(rank=rank, part=n), tensors) for n, tensors in enumerate(parts)]
-        self._directory, self._rank = directory, rank
+        self._directory, self._rank, self._metadata = directory, rank, metadata
         self._part = -1
         self._queue: list[OutTensor] = []
         self._file: BinaryIO | None = None
@@ -87,25 +94,28 @@ class RankWriter:
 
     def _append(self, data: bytes | memoryview) -> None:
         assert self._file is not None
-        self._file.write(data)
+        with failing_as("cannot write", self._file.name, WRITE_TODO):
+            self._file.write(data)
         self._crc = zlib.crc32(data, self._crc)
 
     def _next_part(self) -> None:
         self._close_part()
         self._part += 1
         name, tensors = self._pending[self._part]
-        plan = layout(tensors, WRITER_METADATA)
+        plan = layout(tensors, self._metadata(self._part))
         self.files[name] = {"rank": self._rank, "part": self._part, "size": plan.size}
-        self._file = open(self._directory / name, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115 (closed in _close_part)
+        with failing_as("cannot write", self._directory / name, WRITE_TODO):
+            self._file = open(self._directory / name, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115 (_close_part)
         self._crc = 0
         self._queue = list(tensors)
         self._append(plan.header)
 
     def _close_part(self) -> None:
         if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            with failing_as("cannot write", self._file.name, WRITE_TODO):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
             self.files[self._pending[self._part][0]]["crc32"] = self._crc
             self._file = None
 
@@ -130,6 +140,8 @@ class RankWriter:
         self._close_part()
 
     def abort(self) -> None:
+        """Close an unfinished part (its staging directory is about to be removed: errors do not matter)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None

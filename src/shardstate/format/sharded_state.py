@@ -15,13 +15,20 @@ from pathlib import Path
 
 import torch
 
-from shardstate.errors import ShardstateError
+from shardstate.errors import ShardstateError, brief
 from shardstate.format.checkpoint import TensorLocation
-from shardstate.format.manifest import MANIFEST_NAME, Manifest, read_manifest
-from shardstate.format.safetensors_header import DTYPE_NAMES, DTYPES, read_header
-from shardstate.format.safetensors_writer import WRITER_METADATA
+from shardstate.format.manifest import (
+    CONSTANT_SPEC,
+    MANIFEST_NAME,
+    WRITER,
+    Manifest,
+    rank_file_metadata,
+    read_manifest,
+)
+from shardstate.format.safetensors_header import DTYPE_NAMES, DTYPES, SafetensorsHeader, read_header
 from shardstate.io.files import read_regular
 from shardstate.io.reader import ReadAccount
+from shardstate.spec import ShardSpec, spec_from_json
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
 LEGACY_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors")
@@ -75,7 +82,7 @@ def open_sharded_state(root: Path, allow_legacy: bool = False) -> ShardedState:
         return ShardedState(root, manifest, manifest.tp_size, DTYPES[manifest.dtype], {})
     legacy = _legacy_files(root)
     headers = [read_header(paths[0]) for paths in legacy.values()]
-    if not allow_legacy or not legacy or any(h.metadata.get("writer") == WRITER_METADATA["writer"] for h in headers):
+    if not allow_legacy or not legacy or any(h.metadata.get("writer") == WRITER for h in headers):
         raise ShardstateError(
             "no shardstate.json (the directory is incomplete or not a sharded state)", root,
             "re-run `shardstate convert`",
@@ -101,6 +108,52 @@ def warn_legacy(state: ShardedState) -> None:
     )
 
 
+def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader) -> None:
+    """A listed rank file against the manifest: its own record of state, rank, TP size and part (its
+    safetensors metadata), its size, and exactly the tensors, dtypes and shapes listed for it."""
+    record = manifest.files[path.name]
+    expected = rank_file_metadata(manifest.state_id, record["rank"], manifest.tp_size, record["part"])
+    for key, value in expected.items():
+        found = header.metadata.get(key)
+        if found != value:
+            record = f"records {key}={found[:40]}" if found is not None else f"records no {key}"
+            raise ShardstateError(f"{path.name} {record}, the manifest says {key}={value}", path,
+                                  "the file belongs to another state or rank; re-create the sharded state")
+    listed = {t: r for t, r in manifest.tensors[str(record["rank"])].items() if r["file"] == path.name}
+    for tensor, entry in header.tensors.items():
+        if tensor not in listed:
+            raise ShardstateError(f"unexpected tensor '{tensor}'", path, "the file does not match the manifest")
+        found = (DTYPE_NAMES[entry.dtype], list(entry.shape))
+        wanted = (listed[tensor]["dtype"], listed[tensor]["shape"])
+        if found != wanted:
+            raise ShardstateError(f"tensor '{tensor}' is {found[0]}{found[1]}, manifest says {wanted[0]}{wanted[1]}",
+                                  path, "re-create the sharded state")
+    lacking = sorted(set(listed) - set(header.tensors))
+    if lacking:
+        raise ShardstateError(f"lacks tensor '{lacking[0]}' ({len(lacking)} missing)", path,
+                              "re-create the sharded state")
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise ShardstateError(f"size {size}, manifest says {record['size']}", path, "re-create the sharded state")
+
+
+def check_specs(manifest: Manifest, specs: dict[str, ShardSpec], path: Path) -> None:
+    """Every rank's tensors are exactly the model's parameters (plus constants), each recorded with the
+    spec the model would cut it with: a state laid out for another model is refused before loading."""
+    for rank, records in manifest.tensors.items():
+        params = {n for n, r in records.items() if r["spec"] != CONSTANT_SPEC}
+        if params != set(specs):
+            extra, lacking = sorted(params - set(specs)), sorted(set(specs) - params)
+            raise ShardstateError(
+                f"rank {rank}'s tensors are not this model's parameters (extra {brief(extra[:2])}, missing "
+                f"{brief(lacking[:2])})", path, "convert again for this model",
+            )
+        for name in params:
+            if spec_from_json(records[name]["spec"]) != specs[name]:
+                raise ShardstateError(f"tensor '{name}' of rank {rank} is recorded with another layout than this "
+                                      "model's", path, "convert again with this shardstate for this model")
+
+
 def index_rank(
     state: ShardedState,
     rank: int,
@@ -110,7 +163,7 @@ def index_rank(
     """Where each needed tensor of `rank` lies. Every file of the rank must exist; every tensor in it
     must appear once (and, with a manifest, be listed there for that file); needed tensors must have
     exactly the shape and dtype asked for; the only others allowed are vLLM's constant scales."""
-    listed = state.manifest.tensors.get(str(rank), {}) if state.manifest else None
+    listed = state.manifest.tensors[str(rank)] if state.manifest else None
     found: dict[str, TensorLocation] = {}
     for path in state.rank_paths(rank):
         if not path.exists():
@@ -118,14 +171,10 @@ def index_rank(
         check_inside(path, state.root)
         header = read_header(path)
         account.note_header(path, header.data_start)
+        if state.manifest is not None:
+            check_rank_file(state.manifest, path, header)
         for tensor, entry in header.tensors.items():
-            if listed is not None:
-                record = listed.get(tensor)
-                if record is None or record["file"] != path.name:
-                    raise ShardstateError(f"unexpected tensor '{tensor}'", path, "the file does not match the manifest")
-                constant = record["spec"].get("kind") == "constant"
-            else:
-                constant = tensor.endswith(VLLM_SCALES)
+            constant = listed[tensor]["spec"] == CONSTANT_SPEC if listed is not None else tensor.endswith(VLLM_SCALES)
             if tensor in found:
                 raise ShardstateError(f"tensor '{tensor}' appears twice", path, "the files are damaged")
             found[tensor] = TensorLocation(path, entry)

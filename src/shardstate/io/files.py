@@ -19,7 +19,10 @@ def open_regular(path: str | os.PathLike[str], flags: int = 0) -> int:
     return fd
 
 
-def read_regular(path: str | os.PathLike[str]) -> bytes:
-    """The whole content of a small regular file (config, index, manifest)."""
+def read_regular(path: str | os.PathLike[str], limit: int = 64 << 20) -> bytes:
+    """The whole content of a small regular file (config, index, manifest); OSError(EFBIG) past `limit`
+    bytes, before reading any."""
     with os.fdopen(open_regular(path), "rb") as f:
-        return f.read()
+        if os.fstat(f.fileno()).st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB", os.fspath(path))
+        return f.read(limit + 1)[:limit]

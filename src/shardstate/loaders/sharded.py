@@ -14,33 +14,59 @@ from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import tensor_digest
-from shardstate.format.sharded_state import index_rank, open_sharded_state, warn_legacy
+from shardstate.format.sharded_state import (
+    ShardedState,
+    check_specs,
+    index_rank,
+    open_sharded_state,
+    warn_legacy,
+)
 from shardstate.io.digests import Expected, StreamingDigests, digest_mismatch
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
+from shardstate.spec import ShardSpec
 
 
-def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
+def open_for_load(model_dir: Path, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> ShardedState:
+    """The sharded state at `model_dir`, refused unless a model with `specs` running `dtype` can load it:
+    same TP size, same dtype, every tensor recorded with the model's own layout."""
     state = open_sharded_state(model_dir, allow_legacy=True)
-    saved_tp = state.tp_size
-    if saved_tp != target.tp_size:
+    running_tp = next(iter(specs.values())).tp_size
+    if state.tp_size != running_tp:
         raise ShardstateError(
-            f"saved for TP={saved_tp}, running TP={target.tp_size}", model_dir,
-            f"run `shardstate convert {model_dir} OUT --tp {target.tp_size}`",
+            f"saved for TP={state.tp_size}, running TP={running_tp}", model_dir,
+            f"run `shardstate convert {model_dir} OUT --tp {running_tp}`",
         )
-    dtype = next(iter(target.params.values())).dtype
     if state.dtype != dtype:
         saved = DTYPE_NAMES[state.dtype]
         raise ShardstateError(
             f"saved as {saved}, running {DTYPE_NAMES[dtype]}", model_dir,
             f"run with --dtype {saved}, or convert with --dtype",
         )
-    if state.manifest is None and target.rank == 0:
-        warn_legacy(state)
-    if target.io.verify and state.manifest is None:
+    if verify and state.manifest is None:
         raise ShardstateError("--verify needs checksums, and a directory without shardstate.json has none",
                               model_dir, "load without --verify, or convert it into a sharded state first")
+    if state.manifest is not None:
+        check_specs(state.manifest, specs, state.manifest_path)
+    return state
+
+
+def check_before_workers(model_dir: Path, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> None:
+    """What the driver checks before it starts any worker: `open_for_load`, and every rank's file headers
+    against the manifest and the model (the workers check their own again as they load)."""
+    state = open_for_load(model_dir, specs, dtype, verify)
+    needs = {name: (spec.local_shape(), dtype) for name, spec in specs.items()}
+    with ReadAccount() as account:
+        for rank in range(state.tp_size):
+            index_rank(state, rank, needs, account)
+
+
+def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
+    dtype = next(iter(target.params.values())).dtype
+    state = open_for_load(model_dir, target.specs, dtype, target.io.verify)
+    if state.manifest is None and target.rank == 0:
+        warn_legacy(state)
     needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}
     with ReadAccount() as account:
         locations = index_rank(state, target.rank, needs, account)

@@ -3,9 +3,13 @@ names, rank-local shapes and ShardSpecs."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import torch
 
 from shardstate.config import ModelConfig
+from shardstate.errors import ShardstateError
 from shardstate.models.llama import LlamaForCausalLM
 from shardstate.runtime.distributed import TPGroup
 
@@ -17,3 +21,75 @@ def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> Ll
     config.check_tp_size(group.size)
     with torch.device("meta"):
         return ARCHITECTURES[config.architecture](config, group, dtype)
+
+
+def rank_parameter_bytes(config: ModelConfig, tp_size: int, dtype: torch.dtype) -> int:
+    """One rank's parameter bytes, from the meta model (every rank has the same shapes; tied once)."""
+    model = build_on_meta(config, TPGroup(0, tp_size), dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo: what can still be allocated without swapping (None if unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_parameters_fit(config: ModelConfig, tp_size: int, dtype: torch.dtype, ranks_here: int) -> None:
+    """Refuse, before any worker materialises parameters, a model whose parameters for the `ranks_here`
+    ranks on this host exceed its physical memory. CPU runs only (with CUDA the GPUs hold them)."""
+    host = None if torch.cuda.is_available() else physical_memory_bytes()
+    if host is None:
+        return
+    per_rank = rank_parameter_bytes(config, tp_size, dtype)
+    if per_rank * ranks_here <= host:
+        return
+    if ranks_here == 1:
+        here, todo = f"this host has {_gb(host)}", "use a larger --tp or a smaller --dtype"
+    else:  # a larger TP size alone does not shrink what the ranks on one host hold together
+        here = f"{_gb(per_rank * ranks_here)} for the {ranks_here} ranks on this host, which has {_gb(host)}"
+        todo = "use a smaller --dtype, or a larger --tp over more hosts with torchrun"
+    dtype_name = str(dtype).removeprefix("torch.")
+    raise ShardstateError(f"the model needs {_gb(per_rank)} per rank at TP={tp_size} ({dtype_name}), {here}",
+                          config.path, todo)
+
+
+def check_generation_fits(
+    config: ModelConfig, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, tp_size: int,
+    dtype: torch.dtype, ranks_here: int,
+) -> None:
+    """Refuse, before any rank allocates its KV cache, a generation past the model's positions or (CPU
+    runs) one whose KV caches for the `ranks_here` ranks on this host exceed its available memory."""
+    longest = max(len(p) for p in prompt_ids)
+    positions = longest + max_new_tokens
+    if positions > config.max_position_embeddings:
+        raise ShardstateError(
+            f"prompt of {longest} tokens + --max-new-tokens {max_new_tokens} = {positions} positions, beyond "
+            f"max_position_embeddings={config.max_position_embeddings}", config.path,
+            "ask for fewer new tokens or a shorter prompt",
+        )
+    available = None if torch.cuda.is_available() else available_memory_bytes()
+    need = config.kv_cache_bytes(tp_size, len(prompt_ids), positions, dtype) * ranks_here
+    if available is not None and need > available:
+        raise ShardstateError(
+            f"the KV cache for {len(prompt_ids)} prompt(s) x {positions} positions needs {_gb(need)} on this "
+            f"host, which has {_gb(available)} available", config.path,
+            "ask for fewer new tokens, or fewer or shorter prompts",
+        )

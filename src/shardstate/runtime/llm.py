@@ -6,8 +6,9 @@ import contextlib
 import multiprocessing as mp
 import os
 import time
+import weakref
 from collections.abc import Sequence
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,14 +18,54 @@ from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
-from shardstate.format.manifest import PP1_PATTERN
+from shardstate.format.manifest import PP1_PATTERN, check_pattern, new_state_id
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
-from shardstate.models import build_on_meta
+from shardstate.loaders.sharded import check_before_workers
+from shardstate.models import build_on_meta, check_generation_fits, check_parameters_fit
 from shardstate.runtime.distributed import TPGroup, cores_per_rank, free_port
+from shardstate.runtime.lifeline import lifeline
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
-from shardstate.state_writer import StatePlan, check_pattern, complete_state, staged_output
+from shardstate.stops import forget, on_default_death
+from shardstate.store.output import staged_output
+from shardstate.store.writer import StatePlan, complete_state
+
+# Bounds on what a caller may ask for (the CLI's argument types use the same): a time-out from 1 s (starting
+# gloo and the rendezvous takes about that) to a day, at most 64 reader threads per rank, and on CPU at
+# most 4 ranks per core (beyond that the ranks only thrash).
+TIMEOUT_RANGE_S = (1, 86400)
+IO_THREADS_RANGE = (1, 64)
+RANKS_PER_CPU_CORE = 4
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_run_options(tp_size: int, io: str, io_threads: int | None, timeout: float) -> None:
+    """Refuse options no run can use, each with one line, before anything starts."""
+    if not _is_int(tp_size):
+        raise ShardstateError(f"TP size {tp_size!r} is not an integer", None, "use --tp 1 or more")
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if tp_size > gpus:
+            raise ShardstateError(f"TP size {tp_size} needs {tp_size} GPUs, this host has {gpus}", None,
+                                  f"use --tp {gpus} or less, or torchrun over several hosts")
+    elif tp_size > RANKS_PER_CPU_CORE * (os.cpu_count() or 1):
+        cores = os.cpu_count() or 1
+        raise ShardstateError(f"TP size {tp_size} is more than {RANKS_PER_CPU_CORE} ranks per CPU core on this "
+                              f"host ({cores} cores)", None, f"use --tp {RANKS_PER_CPU_CORE * cores} or less")
+    if io not in IO_MODES:
+        raise ShardstateError(f"unknown I/O mode '{io}'", None, f"use one of {', '.join(IO_MODES)}")
+    low, high = IO_THREADS_RANGE
+    if io_threads is not None and not (_is_int(io_threads) and low <= io_threads <= high):
+        raise ShardstateError(f"io_threads={io_threads!r} is not an integer from {low} to {high}", None,
+                              "pass e.g. 4, or None for the default")
+    low, high = TIMEOUT_RANGE_S
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not low <= timeout <= high:
+        raise ShardstateError(f"timeout {timeout} is not a positive number of seconds from {low} to {high}", None,
+                              "pass e.g. 120")
 
 
 class LLM:
@@ -46,6 +87,7 @@ class LLM:
         verify: bool = False,
         timeout: float = 120.0,
     ):
+        check_run_options(tensor_parallel_size, io, io_threads, timeout)
         self.model_dir = Path(model)
         self.config = load_config(self.model_dir)
         self.config.check_tp_size(tensor_parallel_size)
@@ -53,29 +95,40 @@ class LLM:
         self.tp_size = tensor_parallel_size
         self._dtype = dtype
         self.prompts = PromptCodec(self.model_dir, self.config)
-        if io not in IO_MODES:
-            raise ShardstateError(f"unknown I/O mode '{io}'", None, f"use one of {', '.join(IO_MODES)}")
-        if not timeout > 0:
-            raise ShardstateError(f"timeout {timeout} is not a positive number of seconds", None, "pass e.g. 120")
+        self._model_dtype = resolve_dtype(dtype, self.config, self.model_dir)
+        check_parameters_fit(self.config, tensor_parallel_size, self._model_dtype, ranks_here=tensor_parallel_size)
         self.timeout = timeout
+        if resolve_load_format(load_format, self.model_dir) == "sharded":  # refuse a bad state before any worker
+            specs = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype).shard_specs()
+            check_before_workers(self.model_dir, specs, self._model_dtype, verify)
         args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = cores_per_rank(tensor_parallel_size)
-        self._conns = []
-        self._procs = []
-        for rank in range(tensor_parallel_size):
-            parent, child = context.Pipe()
-            proc = context.Process(
-                target=worker_main,
-                args=(child, rank, tensor_parallel_size, init_method, args, threads, timeout),
-                daemon=True,
-            )
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        self.load_reports: list[LoadReport] = self._collect()
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        self._lifelines: list[Connection] = []  # the workers exit when these close (runtime/lifeline.py)
+        me = weakref.ref(self)
+        on_default_death(self, lambda: (llm := me()) is not None and llm.close(graceful=False))
+        try:
+            for rank in range(tensor_parallel_size):
+                parent, child = context.Pipe()
+                worker_end, driver_end = lifeline(context)
+                proc = context.Process(
+                    target=worker_main,
+                    args=(child, worker_end, rank, tensor_parallel_size, init_method, args, threads, timeout),
+                    daemon=True,
+                )
+                proc.start()
+                child.close()
+                worker_end.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
+                self._lifelines.append(driver_end)
+            self.load_reports: list[LoadReport] = self._collect()
+        except BaseException:
+            self.close(graceful=False)
+            raise
 
     # -- talking to workers -------------------------------------------------------------------------
     def _collect(self) -> list[Any]:
@@ -122,12 +175,18 @@ class LLM:
         raise ShardstateError(what)
 
     def _call(self, command: str, **kwargs: Any) -> list[Any]:
+        """Every rank runs `command`; their replies in rank order. Interrupted half-way (Ctrl-C, a stop
+        signal), the workers are left mid-command: they are killed, and this LLM is closed."""
         if not self._conns:
             raise ShardstateError("this LLM is closed", None, "create a new LLM")
-        for conn in self._conns:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                conn.send((command, kwargs))  # a dead worker is reported by _collect, by its rank
-        return self._collect()
+        try:
+            for conn in self._conns:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    conn.send((command, kwargs))  # a dead worker is reported by _collect, by its rank
+            return self._collect()
+        except BaseException:
+            self.close(graceful=False)
+            raise
 
     # -- public API ---------------------------------------------------------------------------------
     def generate(
@@ -137,11 +196,14 @@ class LLM:
         ignore_eos: bool = False,
     ) -> list[Output]:
         """Greedy continuation of each prompt (text, or token ids), as one batch."""
-        if max_new_tokens < 0:
-            raise ShardstateError(f"max_new_tokens={max_new_tokens} is negative", None, "pass 0 or more")
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ShardstateError(f"max_new_tokens={max_new_tokens!r} is not 0 or a positive integer", None,
+                                  "pass 0 or more")
         if not prompts:
             return []
         ids = self.prompts.encode(prompts)
+        check_generation_fits(self.config, ids, max_new_tokens, self.tp_size, self._model_dtype,
+                              ranks_here=self.tp_size)
         eos = () if ignore_eos else self.config.eos_token_ids
         generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos)[0]
         return self.prompts.outputs(ids, generation)
@@ -154,11 +216,13 @@ class LLM:
         Returns the file names written."""
         pattern = check_pattern(pattern or PP1_PATTERN)
         out = Path(path)
-        with staged_output(out, force) as tmp:
-            written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size)
+        state_id = new_state_id()
+        with staged_output(out, self.model_dir, force) as tmp:
+            written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
+                                 state_id=state_id)
             dtype = resolve_dtype(self._dtype, self.config, self.model_dir)
             specs = build_on_meta(self.config, TPGroup(0, self.tp_size), dtype).shard_specs()
-            plan = StatePlan.make(specs, dtype, self.config.num_hidden_layers, max_size, pattern)
+            plan = StatePlan.make(specs, dtype, self.config.num_hidden_layers, max_size, state_id, pattern)
             sources = find_weight_files(self.model_dir)
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
         return sorted(manifest.files)
@@ -168,7 +232,8 @@ class LLM:
         return self._call("state_dict")
 
     def close(self, graceful: bool = True) -> None:
-        """Stop the workers: ask them to leave (graceful) or kill them at once."""
+        """Stop the workers: ask them to leave (graceful) or kill them at once; either way every worker is
+        reaped before this returns."""
         for conn in self._conns if graceful else ():
             with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("close", {}))
@@ -177,15 +242,16 @@ class LLM:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        for conn in self._conns:
+        for conn in (*self._conns, *self._lifelines):
             conn.close()
-        self._conns, self._procs = [], []
+        self._conns, self._procs, self._lifelines = [], [], []
+        forget(self)
 
     def __enter__(self) -> LLM:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(graceful=exc_type is None)
 
     def __del__(self) -> None:
         if getattr(self, "_procs", None):

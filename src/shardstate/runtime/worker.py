@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -21,7 +22,8 @@ from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup, cores_per_rank, device_for, init_group
 from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.layers import materialize
-from shardstate.state_writer import StatePlan
+from shardstate.runtime.lifeline import watch_driver
+from shardstate.store.writer import StatePlan
 
 # Reader threads per rank unless asked: the rank's share of the cores, but at least 2 (one thread's page
 # faults overlap the other's copy: on 2 cores, 2 threads were faster at TP=1 and never slower beyond
@@ -59,11 +61,12 @@ class Worker:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
 
-    def save(self, directory: str, pattern: str, max_part_bytes: int) -> dict:
+    def save(self, directory: str, pattern: str, max_part_bytes: int, state_id: str) -> dict:
         """Write this rank's live parameters (each distinct tensor once) as its part files; return what the
         manifest needs (RankWriter.result())."""
         dtype = next(self.model.parameters()).dtype
-        plan = StatePlan.make(self.model.shard_specs(), dtype, self.config.num_hidden_layers, max_part_bytes, pattern)
+        plan = StatePlan.make(self.model.shard_specs(), dtype, self.config.num_hidden_layers, max_part_bytes,
+                              state_id, pattern)
         writer = plan.writer(Path(directory), self.rank)
         try:
             for name, param in self.model.named_parameters():
@@ -100,10 +103,14 @@ def describe(exc: BaseException, rank: int) -> tuple[str, str]:
 
 
 def worker_main(
-    conn: Connection, rank: int, size: int, init_method: str, args: WorkerArgs, threads: int, timeout_s: float
+    conn: Connection, driver: Connection, rank: int, size: int, init_method: str, args: WorkerArgs, threads: int,
+    timeout_s: float,
 ) -> None:
     """Entry point of a spawned worker: reply ('ok', LoadReport) after loading, then serve commands.
-    A collective waits at most `timeout_s` for a peer before this rank gives up and reports it."""
+    A collective waits at most `timeout_s` for a peer before this rank gives up and reports it. The
+    worker ends when its `driver` lifeline closes; a terminal's Ctrl-C is for the driver to act on."""
+    watch_driver(driver)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         group = init_group(rank, size, init_method, timeout_s)
@@ -114,7 +121,7 @@ def worker_main(
             if command == "close":
                 break
             conn.send(("ok", getattr(worker, command)(**kwargs)))
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         pass  # the driver went away
     except Exception as exc:
         conn.send(describe(exc, rank))

@@ -1,0 +1,132 @@
+"""Writing a sharded-state directory, shared by `convert` (one process, every rank) and `save` (each
+live worker its own rank): the plan of parts, the staged temporary directory, and the manifest last."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shardstate.config import ModelConfig
+from shardstate.errors import failing_as
+from shardstate.format.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+from shardstate.format.manifest import (
+    CONSTANT_SPEC,
+    MANIFEST_NAME,
+    PP1_PATTERN,
+    Manifest,
+    check_pattern,
+    global_shape,
+    is_plain_name,
+    rank_file_metadata,
+    write_manifest,
+)
+from shardstate.format.safetensors_header import DTYPE_NAMES
+from shardstate.format.safetensors_writer import WRITE_TODO, OutTensor, RankWriter, split_into_parts
+from shardstate.format.sharded_state import vllm_scale_names
+from shardstate.io.files import open_regular
+from shardstate.spec import ShardSpec, spec_to_json
+
+COPY_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    """Which tensors each rank's files hold, in which order and which part (the same for every rank)."""
+
+    specs: dict[str, ShardSpec]
+    dtype: torch.dtype
+    parts: list[list[OutTensor]]
+    scales: list[OutTensor]
+    pattern: str
+    state_id: str  # new_state_id() once per state: every rank's writer records the same
+
+    @classmethod
+    def make(
+        cls, specs: dict[str, ShardSpec], dtype: torch.dtype, num_layers: int, max_part_bytes: int,
+        state_id: str, pattern: str = PP1_PATTERN,
+    ) -> StatePlan:
+        scales = [OutTensor(n, torch.float32, ()) for n in vllm_scale_names(num_layers)]
+        params = [OutTensor(n, dtype, s.local_shape()) for n, s in specs.items()]
+        parts = split_into_parts(params + scales, max_part_bytes)
+        return cls(specs, dtype, parts, scales, check_pattern(pattern), state_id)
+
+    @property
+    def tp_size(self) -> int:
+        return next(iter(self.specs.values())).tp_size
+
+    def writer(self, directory: Path, rank: int) -> RankWriter:
+        return RankWriter(directory, rank, self.parts, self.pattern,
+                          lambda part: rank_file_metadata(self.state_id, rank, self.tp_size, part))
+
+    def finish(self, writer: RankWriter) -> None:
+        """Write the constant scales (after the parameters, as planned) and close the rank's last part."""
+        one = torch.ones((), dtype=torch.float32)
+        for scale in self.scales:
+            writer.write(scale.name, one)
+        writer.close()
+
+    def tensor_records(self, rank: int, digests: dict[str, str]) -> dict[str, dict]:
+        """The manifest's entries for one rank's tensors (with the digests its writer computed); scales are
+        marked constant."""
+        records = {}
+        for part, tensors in enumerate(self.parts):
+            for t in tensors:
+                spec = self.specs.get(t.name)
+                records[t.name] = {
+                    "file": self.pattern.format(rank=rank, part=part),
+                    "dtype": DTYPE_NAMES[t.dtype],
+                    "shape": list(t.shape),
+                    "global_shape": global_shape(spec) if spec else [],
+                    "spec": spec_to_json(spec) if spec else CONSTANT_SPEC,
+                    "xxh3_64": digests[t.name],
+                }
+        return records
+
+
+def complete_state(
+    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], source_files: list[Path],
+) -> Manifest:
+    """Copy SRC's side files, then write the manifest (last: its presence says the directory is whole).
+    `written` holds each rank's RankWriter.result(), in rank order."""
+    side_files = sorted(p.name for p in src.iterdir() if is_side_file(p))
+    for name in side_files:
+        copy_file(src / name, directory / name)
+    manifest = Manifest(
+        plan.state_id, len(written), config.architecture, config.fingerprint, DTYPE_NAMES[plan.dtype],
+        [{"name": f.name, "size": f.stat().st_size} for f in source_files], side_files,
+        files={name: record for rank in written for name, record in rank["files"].items()},
+        tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
+        pattern=plan.pattern,
+    )
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def is_side_file(path: Path) -> bool:
+    """config, generation config, tokenizer files...: every visible file but weights, indexes and a manifest."""
+    return (path.is_file() and is_plain_name(path.name) and not path.name.endswith((".safetensors", *PICKLE_SUFFIXES))
+            and path.name not in (INDEX_NAME, MANIFEST_NAME))
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy one side file; a failure names the file it is about: the source when reading, the
+    destination when writing (a full disk)."""
+    with failing_as("cannot read", src, "check the file; nothing was published"):
+        fd = open_regular(src)
+    with os.fdopen(fd, "rb") as source:
+        with failing_as("cannot write", dst, WRITE_TODO):
+            target = open(dst, "xb")  # noqa: SIM115 (closed below)
+        with target:
+            while True:
+                with failing_as("cannot read", src, "check the file; nothing was published"):
+                    block = source.read(COPY_BLOCK)
+                if not block:
+                    break
+                with failing_as("cannot write", dst, WRITE_TODO):
+                    target.write(block)
+            with failing_as("cannot write", dst, WRITE_TODO):
+                target.flush()
+                os.fsync(target.fileno())
