@@ -21,7 +21,7 @@ from shardstate.synthetic import make_llama_checkpoint
 from test_worker_failures import processes_with_env
 
 BIN = Path(sys.executable).parent
-LONG_GENERATION = ["--prompt-ids", "1,2,3", "--max-new-tokens", "1500", "--ignore-eos"]
+LONG_GENERATION = ["--prompt-ids", "1,2,3", "--max-new-tokens", "4000", "--ignore-eos"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def model(tmp_path_factory) -> Path:
     """~50 MB fp32: a save or convert of it lasts long enough for a signal to land inside."""
     return make_llama_checkpoint(
         tmp_path_factory.mktemp("stops") / "src", seed=3, vocab_size=4000, hidden_size=384, intermediate_size=1024,
-        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096,
     )
 
 
@@ -72,11 +72,11 @@ def command(kind: str, model: Path, out: Path) -> list[str]:
 def started(kind: str, model: Path, out: Path, marker: str) -> subprocess.Popen:
     """The command, once it is under way: its workers up (generate, save) or its staging directory made."""
     proc = start(command(kind, model, out), marker)
-    if kind == "convert":
-        wait_for(staging_exists(out.parent), 60, "convert's staging directory")
+    if kind == "generate":
+        wait_for(workers_running(marker, 4), 60, "the driver, its resource tracker and two workers")
+        time.sleep(1.5)  # loaded and generating
     else:
-        wait_for(workers_running(marker, 3), 60, "the driver and two workers")  # + resource tracker, janitor
-        time.sleep(1.0 if kind == "generate" else 0.3)
+        wait_for(staging_exists(out.parent), 60, f"{kind}'s staging directory")
     return proc
 
 
@@ -114,7 +114,7 @@ LIBRARY_PROGRAM = """
             while True:
                 llm.save_sharded_state(sys.argv[3], max_size=2_000_000, force=True)
         while True:
-            llm.generate([[1, 2, 3]], max_new_tokens=200, ignore_eos=True)
+            llm.generate([[1, 2, 3]], max_new_tokens=4000, ignore_eos=True)
 """
 
 
