@@ -282,7 +282,7 @@ def _tensors(r: _Reader, value: object, manifest: Manifest) -> dict[str, dict[st
             if manifest.files.get(record["file"], {}).get("rank") != int(rank):
                 raise r.fail(f"{field}.file", f"is {brief(record['file'])}, not a file of rank {rank}")
             used.add(record["file"])
-            if record["dtype"] not in DTYPES:
+            if not isinstance(record["dtype"], str) or record["dtype"] not in DTYPES:
                 raise r.fail(f"{field}.dtype", f"is {brief(record['dtype'])}, not one of {', '.join(DTYPES)}")
             shape = r.shape(f"{field}.shape", record["shape"])
             r.shape(f"{field}.global_shape", record["global_shape"])

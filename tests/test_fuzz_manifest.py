@@ -1,0 +1,195 @@
+"""Property test: mutated manifests of a real sharded state. `inspect` and `verify` (through the CLI's
+main) and the checks `generate` runs before it starts any worker (LLM's `check_before_workers`) either
+accept the state or refuse it with one `error:` line: never another exception, a hang or a huge
+allocation. And they agree: what load's checks refuse, verify refuses; what verify passes, load's checks
+pass. SHARDSTATE_FUZZ_EXAMPLES (default 300) sets the cases per strategy; the nightly-style run uses
+10000."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardstate.cli import main
+from shardstate.config import load_config
+from shardstate.convert import convert
+from shardstate.errors import ShardstateError
+from shardstate.format.manifest import MANIFEST_NAME
+from shardstate.loaders.sharded import check_before_workers
+from shardstate.models import build_on_meta
+from shardstate.runtime.distributed import TPGroup
+from shardstate.synthetic import make_llama_checkpoint
+
+EXAMPLES = int(os.environ.get("SHARDSTATE_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+SLOWEST_EXAMPLE_S = 20  # a hang detector, far above the ~0.05 s a case takes
+MEMORY_GROWTH_LIMIT = 1 << 30
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+)
+BIG_INTS = st.sampled_from([0, 1, 2, 3, -1, 2**31, 2**32, 2**53 + 1, 10**12, 2**63, 10**30])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """(a copy to mutate, the original manifest, the specs load checks against)."""
+    root = tmp_path_factory.mktemp("fuzz-manifest")
+    source = make_llama_checkpoint(root / "hf", seed=11, num_key_value_heads=2, tie_word_embeddings=False)
+    convert(source, root / "state", 2, max_part_bytes=60_000)
+    shutil.copytree(root / "state", root / "copy")
+    doc = json.loads((root / "state" / MANIFEST_NAME).read_text())
+    dtype = {"F32": "float32"}[doc["dtype"]]
+    import torch
+
+    specs = build_on_meta(load_config(root / "state"), TPGroup(0, 2), getattr(torch, dtype)).shard_specs()
+    return root / "copy", doc, {"specs": specs, "dtype": getattr(torch, dtype)}
+
+
+def paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every path to a value inside a JSON document."""
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += paths(inner, (*prefix, key))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += paths(inner, (*prefix, index))
+    return found
+
+
+def parent_of(doc: object, path: tuple) -> tuple[object, object]:
+    for key in path[:-1]:
+        doc = doc[key]
+    return doc, path[-1]
+
+
+def run(world, text: str | bytes) -> None:
+    """Write the manifest, run inspect, verify and load's checks; check each outcome."""
+    directory, _, model = world
+    (directory / MANIFEST_NAME).write_bytes(text if isinstance(text, bytes) else text.encode())
+    start = time.monotonic()
+    outcomes = {}
+    for command in ("inspect", "verify"):
+        outcomes[command] = main([command, str(directory), "--json"])
+        assert outcomes[command] in (0, 1)
+    try:
+        check_before_workers(directory, model["specs"], model["dtype"], verify=True)
+        outcomes["load"] = 0
+    except ShardstateError as exc:
+        assert str(exc).count("\n") == 0
+        outcomes["load"] = 1
+    if outcomes["load"]:
+        assert outcomes["verify"] == 1, "load's checks refused what verify passed"
+    if outcomes["verify"] == 0:
+        assert outcomes["load"] == 0
+    assert time.monotonic() - start < SLOWEST_EXAMPLE_S
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bounded_memory():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    yield
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert grown < MEMORY_GROWTH_LIMIT, f"peak memory grew by {grown / 1e6:.0f} MB while fuzzing manifests"
+
+
+def assert_one_line(capsys) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    assert all(line.startswith("error: ") for line in err) and len(errors) <= 2, err  # inspect's, verify's
+
+
+@FUZZ
+@given(data=st.data())
+def test_field_values(world, capsys, data):
+    """Any value, of any type, in place of any field at any depth."""
+    doc = copy.deepcopy(world[1])
+    path = data.draw(st.sampled_from(paths(doc)[1:]))
+    parent, key = parent_of(doc, path)
+    parent[key] = data.draw(JSON_VALUES | BIG_INTS)
+    run(world, json.dumps(doc))
+    assert_one_line(capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_structure(world, capsys, data):
+    """Keys removed, added, renamed; entries duplicated or swapped: ranks, files, tensors."""
+    doc = copy.deepcopy(world[1])
+    containers = [p for p in paths(doc) if isinstance(parent_of(doc, (*p, None))[0], dict | list)
+                  and parent_of(doc, (*p, None))[0]]
+    path = data.draw(st.sampled_from(containers))
+    target, _ = parent_of(doc, (*path, None))
+    keys = list(target) if isinstance(target, dict) else list(range(len(target)))
+    a, b = data.draw(st.sampled_from(keys)), data.draw(st.sampled_from(keys))
+    action = data.draw(st.sampled_from(["remove", "add", "rename", "duplicate", "swap"]))
+    if action == "remove":
+        del target[a]
+    elif action == "swap":
+        target[a], target[b] = target[b], target[a]
+    elif isinstance(target, list):
+        target.append(copy.deepcopy(target[a]))
+    elif action == "add":
+        target[data.draw(st.text(max_size=12))] = data.draw(JSON_VALUES)
+    else:  # rename, or duplicate under another name
+        target[data.draw(st.sampled_from([*map(str, keys), "0", "1", "2", "model-rank-2-part-0.safetensors"]))] = (
+            target.pop(a) if action == "rename" else copy.deepcopy(target[a]))
+    run(world, json.dumps(doc))
+    assert_one_line(capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_sizes(world, capsys, data):
+    """Huge counts and sizes: long lists, many files or tensors, deep nesting, giant numbers and strings."""
+    doc = copy.deepcopy(world[1])
+    kind = data.draw(st.sampled_from(["tp_size", "source", "side_files", "files", "shape", "nesting", "string"]))
+    n = data.draw(st.integers(0, 70_000))
+    if kind == "tp_size":
+        doc["tp_size"] = data.draw(st.integers(-(2**64), 2**64))
+    elif kind == "source":
+        doc["source"] = [{"name": "model.safetensors", "size": 1}] * n
+    elif kind == "side_files":
+        doc["side_files"] = [f"f{i}.json" for i in range(n)]
+    elif kind == "files":
+        record = next(iter(doc["files"].values()))
+        doc["files"].update({f"model-rank-0-part-{i + 9}.safetensors": {**record, "part": i + 9}
+                             for i in range(min(n, 20_000))})
+    elif kind == "shape":
+        record = next(iter(doc["tensors"]["0"].values()))
+        record[data.draw(st.sampled_from(["shape", "global_shape"]))] = [data.draw(BIG_INTS)] * data.draw(
+            st.integers(0, 12))
+    elif kind == "string":
+        doc["architecture"] = "x" * n * 10
+    text = json.dumps(doc)
+    if kind == "nesting":
+        text = text[:-1] + ', "deep": ' + "[" * n + "]" * n + "}"
+    run(world, text)
+    assert_one_line(capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_bytes(world, capsys, data):
+    """Bytes of the manifest's text flipped, cut or made invalid UTF-8."""
+    blob = bytearray(json.dumps(world[1]).encode())
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    for _ in range(data.draw(st.integers(1, 6))):
+        blob[rng.randrange(len(blob))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    run(world, bytes(blob))
+    assert_one_line(capsys)
