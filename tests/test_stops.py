@@ -136,3 +136,21 @@ def test_stop_signal_to_a_program_using_the_library(model, tmp_path, sig, work):
     assert proc.returncode == -sig, stderr
     assert stderr.strip().splitlines() == [f"error: stopped by {sig.name}; workers stopped, temporaries removed"]
     assert_nothing_left(marker, tmp_path, ["out"] if out.exists() else [])
+
+
+def test_stop_signal_to_bench(tmp_path):
+    """Wherever the benchmark is (making its model, converting, timing loads in workers or peers), a
+    SIGTERM stops it whole and leaves no temporary in its output or cache directory."""
+    marker = str(tmp_path / "run")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = start([str(BIN / "shardstate"), "bench", "--smoke", "--tp", "1", "2", "--out", str(out),
+                  "--cache-dir", str(cache)], marker)
+    wait_for(lambda: (cache / "smoke-llama").exists() and len(run_processes(marker)) >= 3, 120,
+             "the benchmark's model and its first workers")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM; workers stopped, temporaries removed"
+    wait_for(lambda: not run_processes(marker), 10, "the run's processes to exit")
+    left = [p.name for d in (out, cache) if d.exists() for p in d.iterdir()]
+    assert not [name for name in left if ".tmp-" in name or name.endswith((".partial", ".bin"))], left

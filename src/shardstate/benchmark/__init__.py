@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -55,8 +56,12 @@ def ensure_model(root: Path, smoke: bool) -> Path:
     if not (target / "config.json").is_file():
         say(f"creating {target.name} (transformers, random bf16 weights, seed 0) ...")
         partial = target.with_name(target.name + ".partial")
-        make_llama_checkpoint(partial, seed=0, dtype=torch.bfloat16, initializer_range=0.02,
-                              **(SMOKE_MODEL if smoke else FULL_MODEL))
+        try:
+            make_llama_checkpoint(partial, seed=0, dtype=torch.bfloat16, initializer_range=0.02,
+                                  **(SMOKE_MODEL if smoke else FULL_MODEL))
+        except BaseException:  # stopped or failed: the benchmark's own half-made model goes
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         partial.rename(target)
     return target
 
@@ -83,13 +88,15 @@ def raw_copy_seconds(source_files: list[Path], out_dir: Path) -> tuple[float, fl
     path = out_dir / "raw-write.bin"
     block = bytes(16 << 20)
     start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(0, total, len(block)):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    write_s = time.perf_counter() - start
-    path.unlink()
+    try:
+        with open(path, "wb") as f:
+            for _ in range(0, total, len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        write_s = time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
     return read_s, write_s
 
 

@@ -4,18 +4,39 @@ from_pretrained under torchrun (timed by the peer script around the call)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from shardstate.benchmark import transformers_peer, vllm_peer
+from shardstate.io.janitor import Janitor
 from shardstate.runtime.distributed import cores_per_rank, free_port
 
 LOAD_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
+
+
+def run_peer(args: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess | None:
+    """Run a peer, and every process it starts, in a process group of its own: the group is killed when
+    the peer is done, times out (None) or this run stops, and by a janitor if this process dies first."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    janitor = Janitor(process_group=proc.pid)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        janitor.dismiss()
 
 
 def failure(result: subprocess.CompletedProcess) -> dict:
@@ -32,9 +53,8 @@ def vllm_load(python: Path, model_dir: Path, tp_size: int, load_format: str, dty
         return {"error": f"vLLM's CPU backend binds one core per rank; this machine has {os.cpu_count()}"}
     args = [str(python), vllm_peer.__file__, "load", str(model_dir), "--tp", str(tp_size), "--load-format",
             load_format, "--dtype", dtype]
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
-    except subprocess.TimeoutExpired:
+    result = run_peer(args, env)
+    if result is None:
         return {"error": "timed out after 900 s"}
     times = [float(t) for t in LOAD_LINE.findall(result.stdout + result.stderr)]
     if result.returncode != 0 or not times:
@@ -50,9 +70,8 @@ def transformers_tp_load(model_dir: Path, tp_size: int, dtype: str, prompt: list
                 f"--master-port={free_port()}", transformers_peer.__file__, str(model_dir), out, "--dtype", dtype,
                 "--prompt-ids", ",".join(map(str, prompt))]
         env = dict(os.environ, OMP_NUM_THREADS=str(cores_per_rank(tp_size)))
-        try:
-            result = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
-        except subprocess.TimeoutExpired:
+        result = run_peer(args, env)
+        if result is None:
             return {"error": "timed out after 900 s"}
         ranks = [json.loads(path.read_text()) for path in sorted(Path(out).glob("rank-*.json"))]
     if result.returncode != 0 or len(ranks) != tp_size:

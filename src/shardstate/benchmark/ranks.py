@@ -5,11 +5,13 @@ peer (load_file, then copy into the model's parameters)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from shardstate.memory import peak_rss_bytes
+from shardstate.runtime.lifeline import lifeline, watch_driver
 
 
 def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
@@ -54,7 +56,11 @@ def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, mo
     return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": nbytes, "peak_rss": peak_rss_bytes()}
 
 
-def _child(fn: str, rank: int, tp_size: int, files: list[str], barrier: Any, queue: Any, extra: tuple) -> None:
+def _child(
+    fn: str, rank: int, tp_size: int, files: list[str], barrier: Any, queue: Any, driver: Any, extra: tuple
+) -> None:
+    watch_driver(driver)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the driver, which stops us
     try:
         queue.put(globals()[fn](rank, tp_size, files, barrier, *extra))
     except Exception as exc:
@@ -67,15 +73,26 @@ def run_ranks(fn: str, rank_files: list[list[Path]], *extra: Any) -> list[dict]:
     context = mp.get_context("spawn")
     tp_size = len(rank_files)
     barrier, queue = context.Barrier(tp_size), context.Queue()
+    worker_end, driver_end = lifeline(context)
     procs = [
-        context.Process(target=_child, args=(fn, r, tp_size, [str(f) for f in files], barrier, queue, extra))
+        context.Process(target=_child,
+                        args=(fn, r, tp_size, [str(f) for f in files], barrier, queue, worker_end, extra))
         for r, files in enumerate(rank_files)
     ]
-    for proc in procs:
-        proc.start()
-    results = [queue.get(timeout=600) for _ in procs]
-    for proc in procs:
-        proc.join()
+    done = False
+    try:
+        for proc in procs:
+            proc.start()
+        worker_end.close()
+        results = [queue.get(timeout=600) for _ in procs]
+        done = True
+    finally:  # stopped or failed half-way: no rank outlives the call
+        for proc in procs:
+            if proc.pid is not None:
+                proc.join(timeout=30 if done else 0)
+                proc.kill()  # only if still running
+                proc.join()
+        driver_end.close()
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(errors[0])
