@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,3 +108,37 @@ def test_two_writers_one_wins(mid_checkpoint, tmp_path):
                                             or "is a sharded state already" in loser), loser
     assert assert_absent_or_complete(out) == "complete"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def small_source_with(checkpoints, tmp_path: Path, name: str, make) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints["gqa_untied"], src)
+    make(src / name)
+    return src
+
+
+def test_full_disk_while_copying_a_side_file_names_the_destination(checkpoints, tmp_path):
+    """Rank files fit under the limit, the 3 MB tokenizer file does not: the line names OUT's copy."""
+    src = small_source_with(checkpoints, tmp_path, "tokenizer.json", lambda p: p.write_bytes(b" " * 3_000_000))
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    out = tmp_path / "out"
+    result = subprocess.run([str(BIN / "shardstate"), "convert", str(src), str(out), "--tp", "2"],
+                            capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: cannot write (File too large) in {out / 'tokenizer.json'}: check "
+                                          "free space, file-size limits and permissions; nothing was published"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_read_failure_is_called_a_read_failure(checkpoints, tmp_path):
+    """A side file whose read fails with EIO (a link to /proc/self/mem: reading its first page fails)."""
+    src = small_source_with(checkpoints, tmp_path, "extra.json", lambda p: p.symlink_to("/proc/self/mem"))
+    result = subprocess.run([str(BIN / "shardstate"), "convert", str(src), str(tmp_path / "out"), "--tp", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: cannot read (Input/output error) in {src / 'extra.json'}: "
+                                          "check the file; nothing was published"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

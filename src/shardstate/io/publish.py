@@ -60,7 +60,11 @@ def publish(tmp: Path, out: Path, replace: bool) -> Path | None:
         else:
             old = out.parent / f".{sibling_stem(out)}.old-{os.getpid()}"
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)  # OUT is never left missing
+                raise
     else:
         old = None
         if not _renameat2(tmp, out, RENAME_NOREPLACE):

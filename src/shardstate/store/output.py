@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shardstate.errors import ShardstateError
+from shardstate.errors import ShardstateError, failing_as
 from shardstate.format.manifest import MANIFEST_NAME, read_manifest
 from shardstate.io.janitor import Janitor
 from shardstate.io.publish import fsync_dir, publish, sibling_stem
@@ -120,12 +120,17 @@ def remove_replaced(old: Path, names: set[str]) -> None:
               "it yourself", file=sys.stderr)
 
 
-def _write_error(exc: OSError, tmp: Path) -> ShardstateError:
+def _as_in_out(path: Path, tmp: Path, out: Path) -> Path:
+    """A path in the staging directory as the user knows it: under OUT."""
+    return out / path.relative_to(tmp) if path == tmp or tmp in path.parents else path
+
+
+def _write_error(exc: OSError, tmp: Path, out: Path) -> ShardstateError:
     """An OSError that escaped a writer, named for what failed: a write under the staging directory, else
     a read."""
     where = Path(exc.filename) if exc.filename else tmp
     if where == tmp or tmp in where.parents:
-        return ShardstateError(f"cannot write ({exc.strerror})", where,
+        return ShardstateError(f"cannot write ({exc.strerror})", _as_in_out(where, tmp, out),
                                "check free space, file-size limits and permissions; nothing was published")
     return ShardstateError(f"cannot read ({exc.strerror})", where, "check the file; nothing was published")
 
@@ -137,31 +142,38 @@ def staged_output(out: Path, src: Path, force: bool) -> Iterator[Path]:
     and an OSError becomes one ShardstateError naming the file."""
     out = Path(out)
     check_output(out, src, force)
+    tmp = staging_path(out)
+    ours = not os.path.lexists(tmp)  # decided before mkdir: a stop landing just after it still cleans up
+    janitor = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(out)
-        tmp = staging_path(out)
-        tmp.mkdir()
-    except OSError as exc:
-        raise ShardstateError(f"cannot create a directory beside the output ({exc.strerror})", out.parent,
-                              "check permissions and free space") from None
-    janitor = Janitor(directory=tmp)
-    on_default_death(tmp, lambda: shutil.rmtree(tmp, ignore_errors=True))
-    try:
+        with failing_as("cannot create a staging directory beside the output", out.parent,
+                        "check permissions and free space"):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(out)
+            tmp.mkdir()
         (tmp / STAGING_MARKER).touch()
+        janitor = Janitor(directory=tmp)
+        on_default_death(tmp, lambda: shutil.rmtree(tmp, ignore_errors=True))
         yield tmp
         (tmp / STAGING_MARKER).unlink()
         fsync_dir(tmp)
         _publish_checked(tmp, out, src, force)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(exc, tmp) from None
+        if ours:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(exc, tmp, out) from None
+    except ShardstateError as exc:
+        if ours:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ShardstateError(exc.what, exc.where and _as_in_out(Path(exc.where), tmp, out), exc.todo) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ours:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         forget(tmp)
-        janitor.dismiss()
+        if janitor is not None:
+            janitor.dismiss()
 
 
 def _publish_checked(tmp: Path, out: Path, src: Path, force: bool) -> None:
