@@ -96,7 +96,7 @@ def drop_rank(doc: dict) -> None:
 
 
 CASES = {
-    "swapped rank files": (swap_rank_files, f"{R0} records rank=1, the manifest says rank=0"),
+    "swapped rank files": (swap_rank_files, f"{R0} records rank='1', the manifest says rank=0"),
     "file of another state": (None, f"{R1} records state="),
     "tp_size 10**12": (edit_manifest(lambda d: d.update(tp_size=10**12)),
                        "manifest field 'tp_size' is 1000000000000, not an integer in [1, 65536]"),
@@ -115,6 +115,13 @@ CASES = {
     "field of the wrong type": (edit_manifest(lambda d: d.update(files=[])), "manifest field 'files' is [], not an"),
     "unknown field": (edit_manifest(lambda d: d.update(extra=1)), "manifest field 'extra' is unknown"),
     "missing field": (edit_manifest(lambda d: d.pop("state_id")), "manifest lacks field 'state_id'"),
+    "digest edited": (edit_manifest(lambda d: d["tensors"]["1"][QKV].update(xxh3_64="0" * 16)),
+                      f"tensor '{QKV}' does not match its checksum"),
+    "pattern with a format spec": (edit_manifest(lambda d: d.update(pattern="{rank:3000000000}{part}.safetensors")),
+                                   "manifest field 'pattern' is '{rank:3000000000}{part}.safetensors', not"),
+    "pattern with a line break": (edit_manifest(lambda d: d.update(pattern="x\nerror: ok {rank}{part}.safetensors")),
+                                  "manifest field 'pattern' is 'x\\nerror: ok"),
+    "config.json missing": (lambda d: (d / "config.json").unlink(), "config.json"),
     "nested too deeply": (lambda d: (d / "shardstate.json").write_text("[" * 100_000 + "]" * 100_000),
                           "manifest is not valid JSON (nested too deeply)"),
     "duplicate key": (lambda d: (d / "shardstate.json").write_text('{"format": "a", "format": "shardstate"}'),

@@ -167,7 +167,7 @@ def test_sharded_load_refusals(sharded_tp2, tmp_path, case, tp, damage, expected
 def test_convert_refuses_existing_output_without_force(checkpoints, sharded_tp2):
     before = sorted(p.name for p in sharded_tp2.iterdir())
     assert_one_error(shardstate("convert", str(checkpoints["gqa_untied"]), str(sharded_tp2), "--tp", "2"),
-                     "output is a sharded state already")
+                     "is a sharded state already: pass --force to replace it")
     assert sorted(p.name for p in sharded_tp2.iterdir()) == before
 
 

@@ -154,3 +154,28 @@ def test_stop_signal_to_bench(tmp_path):
     wait_for(lambda: not run_processes(marker), 10, "the run's processes to exit")
     left = [p.name for d in (out, cache) if d.exists() for p in d.iterdir()]
     assert not [name for name in left if ".tmp-" in name or name.endswith((".partial", ".bin"))], left
+
+
+def test_ctrl_c_to_the_whole_process_group_while_workers_start(model, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group, workers still importing torch included:
+    still one line, and nothing left."""
+    marker = str(tmp_path)
+    proc = subprocess.Popen(command("generate", model, tmp_path / "out"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "SHARDSTATE_TEST_MARKER": marker})
+    wait_for(workers_running(marker, 3), 60, "the workers to start")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip().splitlines() == ["error: stopped by SIGINT; workers stopped, temporaries removed"]
+    assert_nothing_left(marker, tmp_path, [])
+
+
+def test_ctrl_c_before_the_command_has_imported_anything(model, tmp_path):
+    proc = start(command("convert", model, tmp_path / "out"), str(tmp_path))
+    time.sleep(0.15)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip().splitlines() == ["error: stopped by SIGINT; workers stopped, temporaries removed"]
+    assert list(tmp_path.iterdir()) == []

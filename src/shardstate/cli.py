@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Stopped as stop:  # every `with` and `finally` on the way here has stopped workers, removed temporaries
-        print(f"error: stopped by {stop}; workers stopped, temporaries removed", file=sys.stderr)
+        print(stop.line, file=sys.stderr)
         return stop.exit_code
     return 0
 

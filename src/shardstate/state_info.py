@@ -12,6 +12,7 @@ from shardstate.errors import ShardstateError
 from shardstate.format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
 from shardstate.format.safetensors_header import read_header
 from shardstate.format.sharded_state import check_inside, check_rank_file, check_specs, open_sharded_state
+from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.files import open_regular
 from shardstate.models import build_on_meta
 from shardstate.runtime.distributed import TPGroup
@@ -61,13 +62,23 @@ def _check_file(root: Path, name: str, manifest: Manifest) -> str | None:
         return "missing"
     try:
         check_inside(path, root)
-        check_rank_file(manifest, path, read_header(path))
+        header = read_header(path)
+        check_rank_file(manifest, path, header)
     except ShardstateError as exc:
         return exc.what
-    crc = 0
-    with os.fdopen(open_regular(path), "rb") as f:
-        while block := f.read(CHUNK):
-            crc = zlib.crc32(block, crc)
+    records = manifest.tensors[str(manifest.files[name]["rank"])]
+    digests = StreamingDigests({path: [Expected(t, e.begin, e.end, records[t]["xxh3_64"])
+                                       for t, e in header.tensors.items()]})
+    crc, offset = 0, 0
+    try:
+        with os.fdopen(open_regular(path), "rb") as f:
+            while block := f.read(CHUNK):
+                crc = zlib.crc32(block, crc)
+                digests.feed(path, offset, memoryview(block))  # each tensor's xxh3-64, as a --verify load does
+                offset += len(block)
+    except ShardstateError as exc:
+        return exc.what
+    digests.finish()
     if crc != manifest.files[name]["crc32"]:
         return f"checksum {crc:08x}, manifest says {manifest.files[name]['crc32']:08x}: the file's bytes changed"
     return None

@@ -27,13 +27,22 @@ DEATH_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # those whose default action en
 class Stopped(BaseException):
     """A stop signal arrived (BaseException: code that handles errors must not swallow it)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+    @property
+    def line(self) -> str:
+        return stopped_line(self.signum)
+
+
+def stopped_line(signum: int) -> str:
+    """The one line a stopped command or program prints."""
+    return f"error: stopped by {signal.Signals(signum).name}; workers stopped, temporaries removed"
 
 
 def _raise_stopped(signum: int, frame: object) -> None:
@@ -54,13 +63,28 @@ def raising_stops() -> Iterator[None]:
 
 
 _cleanups: dict[int, Callable[[], None]] = {}
+_owner = os.getpid()  # clean-ups belong to the process that registered them, not to its forked children
 _installed: set[int] = set()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: the handler may run while the main thread holds it
+
+
+def _forked_child() -> None:
+    global _owner
+    _cleanups.clear()
+    _owner = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked_child)
 
 
 def _die_after_cleanups(signum: int, frame: object) -> None:
-    print(f"error: stopped by {signal.Signals(signum).name}; workers stopped, temporaries removed", file=sys.stderr)
-    for cleanup in list(_cleanups.values()):
+    for sig in DEATH_SIGNALS:  # a second signal must not run the clean-ups twice
+        signal.signal(sig, signal.SIG_IGN)
+    with _lock:
+        cleanups = list(_cleanups.values()) if os.getpid() == _owner else []
+    if cleanups:
+        print(stopped_line(signum), file=sys.stderr)
+    for cleanup in cleanups:
         with contextlib.suppress(Exception):
             cleanup()
     signal.signal(signum, signal.SIG_DFL)
@@ -81,7 +105,9 @@ def on_default_death(key: object, cleanup: Callable[[], None]) -> None:
 
 
 def forget(key: object) -> None:
-    """`key`'s clean-up is done or no longer needed; the last one gone restores the default handlers."""
+    """`key`'s clean-up is done or no longer needed; the last one gone restores the default handlers (from
+    the main thread; elsewhere the handler stays, and with nothing to clean up it just lets the process
+    die of the signal)."""
     with _lock:
         _cleanups.pop(id(key), None)
         if _cleanups or threading.current_thread() is not threading.main_thread():

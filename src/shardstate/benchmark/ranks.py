@@ -5,13 +5,12 @@ peer (load_file, then copy into the model's parameters)."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from shardstate.memory import peak_rss_bytes
-from shardstate.runtime.lifeline import lifeline, watch_driver
+from shardstate.runtime.lifeline import lifeline, sigint_ignored, watch_driver
 
 
 def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
@@ -60,7 +59,6 @@ def _child(
     fn: str, rank: int, tp_size: int, files: list[str], barrier: Any, queue: Any, driver: Any, extra: tuple
 ) -> None:
     watch_driver(driver)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the driver, which stops us
     try:
         queue.put(globals()[fn](rank, tp_size, files, barrier, *extra))
     except Exception as exc:
@@ -82,7 +80,8 @@ def run_ranks(fn: str, rank_files: list[list[Path]], *extra: Any) -> list[dict]:
     done = False
     try:
         for proc in procs:
-            proc.start()
+            with sigint_ignored():
+                proc.start()
         worker_end.close()
         results = [queue.get(timeout=600) for _ in procs]
         done = True

@@ -8,9 +8,12 @@ wrong field is one ShardstateError naming it, found before anything is allocated
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import string
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ MAX_TP = 1 << 16
 MAX_PARTS_PER_RANK = 1 << 16
 MAX_FILE_BYTES = 1 << 50
 MAX_LIST = 1 << 16  # source files, side files
+MAX_PATTERN = 200
 HEX32 = re.compile(r"[0-9a-f]{32}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -69,7 +73,15 @@ class Manifest:
         }
 
     def rank_files(self, rank: int) -> list[str]:
-        return sorted((n for n, f in self.files.items() if f["rank"] == rank), key=lambda n: self.files[n]["part"])
+        """Rank `rank`'s file names in part order."""
+        return self._by_rank.get(rank, [])
+
+    @functools.cached_property
+    def _by_rank(self) -> dict[int, list[str]]:
+        by_rank: dict[int, list[str]] = {}
+        for name in sorted(self.files, key=lambda n: self.files[n]["part"]):
+            by_rank.setdefault(self.files[name]["rank"], []).append(name)
+        return by_rank
 
     def names_written(self) -> set[str]:
         """Every entry of the directory that shardstate wrote: what `--force` may replace."""
@@ -89,25 +101,40 @@ def rank_file_metadata(state_id: str, rank: int, tp_size: int, part: int) -> dic
 
 
 def check_pattern(pattern: str) -> str:
-    """A file-name pattern with {rank} and {part} that stays inside the directory."""
+    """A file-name pattern: literal text and bare {rank} and {part} fields only (no format specs, no
+    indexing: a pattern is formatted for every file), naming a file inside the directory."""
     try:
-        name = pattern.format(rank=0, part=0)
-    except (KeyError, IndexError, ValueError, AttributeError):
-        name = ""
-    if "{rank}" not in pattern or "{part}" not in pattern or not is_plain_name(name):
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(
+            pattern[:MAX_PATTERN]) if field is not None]
+    except ValueError:  # unbalanced braces
+        fields = []
+    bare = sorted(fields) == [("part", "", None), ("rank", "", None)]
+    if len(pattern) > MAX_PATTERN or not bare or not is_plain_name(
+            pattern.format(rank=MAX_TP, part=MAX_PARTS_PER_RANK)):
         raise ShardstateError(
             f"file-name pattern {brief(pattern)} is not usable", None,
             f"use one with {{rank}} and {{part}} and no directory, like {PP1_PATTERN!r}",
         )
-    if not name.endswith(".safetensors"):
+    if not pattern.endswith(".safetensors"):
         raise ShardstateError(f"file-name pattern {brief(pattern)} does not end in .safetensors", None, "add it")
     return pattern
 
 
+def is_printable(text: str) -> bool:
+    """No control, format or line-separator characters: safe to show on one line."""
+    return not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
 def is_plain_name(name: object) -> bool:
-    """A visible file name inside the directory: no separator, not hidden, not '.' or '..'."""
-    return isinstance(name, str) and 0 < len(name) <= 255 and Path(name).name == name and not name.startswith(".") \
-        and "\0" not in name
+    """A visible file name inside the directory, printable on one line: no separator, not hidden, not '.'
+    or '..', at most NAME_MAX bytes, no control characters."""
+    if not isinstance(name, str) or not name or name.startswith(".") or Path(name).name != name:
+        return False
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return size <= 255 and is_printable(name)
 
 
 def global_shape(spec: ShardSpec) -> list[int]:
@@ -144,7 +171,7 @@ def read_manifest(directory: Path) -> Manifest:
 class _Reader:
     """Field checks that raise one ShardstateError naming the manifest field."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path = path
 
     def fail(self, field: str, problem: str) -> ShardstateError:
@@ -156,7 +183,8 @@ class _Reader:
         return value
 
     def text(self, field: str, value: object, pattern: re.Pattern | None = None, limit: int = 256) -> str:
-        if not isinstance(value, str) or not 0 < len(value) <= limit or (pattern and not pattern.fullmatch(value)):
+        if (not isinstance(value, str) or not 0 < len(value) <= limit or (pattern and not pattern.fullmatch(value))
+                or not is_printable(value)):
             raise self.fail(field, f"is {brief(value)}, not " + (f"matching {pattern.pattern}" if pattern else
                                                                   f"a string of 1 to {limit} characters"))
         return value

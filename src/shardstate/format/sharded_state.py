@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from shardstate.errors import ShardstateError, brief
+from shardstate.errors import ShardstateError, brief, failing_as
 from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.manifest import (
     CONSTANT_SPEC,
@@ -74,7 +74,9 @@ def open_sharded_state(root: Path, allow_legacy: bool = False) -> ShardedState:
     manifest, accept a vLLM-written directory when `allow_legacy` (strict checks, no integrity)."""
     if (root / MANIFEST_NAME).exists():
         manifest = read_manifest(root)
-        if hashlib.sha256(read_regular(root / "config.json")).hexdigest() != manifest.config_sha256:
+        with failing_as("cannot read config.json", root / "config.json", "restore it from the source"):
+            config = read_regular(root / "config.json")
+        if hashlib.sha256(config).hexdigest() != manifest.config_sha256:
             raise ShardstateError(
                 "config.json differs from the one the files were made for", root / MANIFEST_NAME,
                 "restore config.json or convert again",
@@ -116,8 +118,8 @@ def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader) -
     for key, value in expected.items():
         found = header.metadata.get(key)
         if found != value:
-            record = f"records {key}={found[:40]}" if found is not None else f"records no {key}"
-            raise ShardstateError(f"{path.name} {record}, the manifest says {key}={value}", path,
+            said = f"records {key}={brief(found)}" if found is not None else f"records no {key}"
+            raise ShardstateError(f"{path.name} {said}, the manifest says {key}={value}", path,
                                   "the file belongs to another state or rank; re-create the sharded state")
     listed = {t: r for t, r in manifest.tensors[str(record["rank"])].items() if r["file"] == path.name}
     for tensor, entry in header.tensors.items():

@@ -26,7 +26,8 @@ class Expected:
 def digest_mismatch(name: str, path: Path) -> ShardstateError:
     return ShardstateError(
         f"tensor '{name}' does not match its checksum", path,
-        "the file is damaged: re-create it (`shardstate verify DIR` lists every bad file)",
+        "the file or its manifest changed since it was written: re-create the sharded state "
+        "(`shardstate verify DIR` lists every bad file)",
     )
 
 

@@ -33,7 +33,7 @@ if sys.stdin.buffer.read() != b"done":
 class Janitor:
     """`Janitor(directory=D)` removes D, `Janitor(process_group=G)` kills group G, if the driver dies first."""
 
-    def __init__(self, directory: Path | None = None, process_group: int | None = None):
+    def __init__(self, directory: Path | None = None, process_group: int | None = None) -> None:
         kind, target = ("dir", str(directory)) if directory is not None else ("group", str(process_group))
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", _CODE, kind, target],

@@ -11,12 +11,14 @@ import ctypes
 import errno
 import hashlib
 import os
+import signal
 from pathlib import Path
+
+from shardstate.stops import STOP_SIGNALS
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
-NAME_MAX = 255
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
@@ -59,12 +61,16 @@ def publish(tmp: Path, out: Path, replace: bool) -> Path | None:
             old = tmp
         else:
             old = out.parent / f".{sibling_stem(out)}.old-{os.getpid()}"
-            os.rename(out, old)
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # no stop between the two renames
             try:
-                os.rename(tmp, out)
-            except OSError:
-                os.rename(old, out)  # OUT is never left missing
-                raise
+                os.rename(out, old)
+                try:
+                    os.rename(tmp, out)
+                except OSError:
+                    os.rename(old, out)  # OUT is never left missing
+                    raise
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     else:
         old = None
         if not _renameat2(tmp, out, RENAME_NOREPLACE):

@@ -1,26 +1,62 @@
 """Workers never outlive their driver. Each worker gets the read end of a pipe whose only write end the
-driver holds; a thread in the worker blocks on it and ends the process at EOF, which comes the moment
-the driver exits, however it dies (SIGKILL included). Unlike a parent-death signal, this does not
-depend on which of the driver's threads started the worker."""
+driver holds (a child the driver's program forks closes its copy); a thread in the worker blocks on it
+and ends the process at EOF, which comes the moment the driver exits, however it dies (SIGKILL
+included). Unlike a parent-death signal, this does not depend on which of the driver's threads started
+the worker."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
+import weakref
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
-from typing import Any
+from multiprocessing.context import BaseContext
 
 EXIT_DRIVER_GONE = 3
 
 
-def lifeline(context: Any) -> tuple[Connection, Connection]:
+_driver_ends: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _close_in_forked_child() -> None:
+    """A child forked by the driver's program (a Pool, a DataLoader) must not keep the workers alive."""
+    for end in list(_driver_ends):
+        with contextlib.suppress(OSError):
+            end.close()
+
+
+os.register_at_fork(after_in_child=_close_in_forked_child)
+
+
+def lifeline(context: BaseContext) -> tuple[Connection, Connection]:
     """(worker's end, driver's end): pass the first to the worker, keep the second until the worker ends."""
-    return context.Pipe(duplex=False)
+    worker_end, driver_end = context.Pipe(duplex=False)
+    _driver_ends.add(driver_end)
+    return worker_end, driver_end
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Start a worker with SIGINT ignored (a disposition it inherits, and that Python keeps at start-up),
+    so a terminal's Ctrl-C while it imports torch reaches only the driver. A Ctrl-C in the milliseconds
+    the start takes is lost. (Handlers belong to the main thread: from another, the worker starts as it
+    is and ignores SIGINT once `watch_driver` runs.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def watch_driver(end: Connection) -> None:
-    """In the worker: exit at once, whatever the main thread is doing, when the driver is gone."""
+    """In the worker: exit at once, whatever the main thread is doing, when the driver is gone; leave a
+    terminal's Ctrl-C to the driver."""
 
     def watch() -> None:
         with contextlib.suppress(EOFError, OSError):
@@ -28,3 +64,4 @@ def watch_driver(end: Connection) -> None:
         os._exit(EXIT_DRIVER_GONE)
 
     threading.Thread(target=watch, name="shardstate-lifeline", daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the driver, which stops the workers

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import sys
 import time
 import weakref
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import build_on_meta, check_generation_fits, check_parameters_fit
 from shardstate.runtime.distributed import TPGroup, cores_per_rank, free_port
-from shardstate.runtime.lifeline import lifeline
+from shardstate.runtime.lifeline import lifeline, sigint_ignored
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
 from shardstate.stops import forget, on_default_death
@@ -86,19 +87,18 @@ class LLM:
         io_threads: int | None = None,
         verify: bool = False,
         timeout: float = 120.0,
-    ):
+    ) -> None:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
-        self.model_dir = Path(model)
+        self.model_dir = Path(model).absolute()  # the workers' working directory is fixed when they start
         self.config = load_config(self.model_dir)
         self.config.check_tp_size(tensor_parallel_size)
-        resolve_load_format(load_format, self.model_dir)
+        load_format = resolve_load_format(load_format, self.model_dir)
         self.tp_size = tensor_parallel_size
-        self._dtype = dtype
         self.prompts = PromptCodec(self.model_dir, self.config)
         self._model_dtype = resolve_dtype(dtype, self.config, self.model_dir)
         check_parameters_fit(self.config, tensor_parallel_size, self._model_dtype, ranks_here=tensor_parallel_size)
         self.timeout = timeout
-        if resolve_load_format(load_format, self.model_dir) == "sharded":  # refuse a bad state before any worker
+        if load_format == "sharded":  # refuse a bad state before any worker starts
             specs = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype).shard_specs()
             check_before_workers(self.model_dir, specs, self._model_dtype, verify)
         args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
@@ -119,7 +119,8 @@ class LLM:
                     args=(child, worker_end, rank, tensor_parallel_size, init_method, args, threads, timeout),
                     daemon=True,
                 )
-                proc.start()
+                with sigint_ignored():  # inherited: a Ctrl-C while the worker starts up is for the driver
+                    proc.start()
                 child.close()
                 worker_end.close()
                 self._conns.append(parent)
@@ -220,9 +221,9 @@ class LLM:
         with staged_output(out, self.model_dir, force) as tmp:
             written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
                                  state_id=state_id)
-            dtype = resolve_dtype(self._dtype, self.config, self.model_dir)
-            specs = build_on_meta(self.config, TPGroup(0, self.tp_size), dtype).shard_specs()
-            plan = StatePlan.make(specs, dtype, self.config.num_hidden_layers, max_size, state_id, pattern)
+            specs = build_on_meta(self.config, TPGroup(0, self.tp_size), self._model_dtype).shard_specs()
+            plan = StatePlan.make(specs, self._model_dtype, self.config.num_hidden_layers, max_size, state_id,
+                                  pattern)
             sources = find_weight_files(self.model_dir)
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
         return sorted(manifest.files)
@@ -241,7 +242,9 @@ class LLM:
             proc.join(timeout=10 if graceful else 0)
             if proc.is_alive():
                 proc.kill()
-                proc.join()
+                proc.join(timeout=30)
+            if proc.is_alive():  # uninterruptible (a hung device or file system): nothing more to do here
+                print(f"warning: worker pid {proc.pid} did not exit after SIGKILL", file=sys.stderr)
         for conn in (*self._conns, *self._lifelines):
             conn.close()
         self._conns, self._procs, self._lifelines = [], [], []

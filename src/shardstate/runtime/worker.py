@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -110,7 +109,6 @@ def worker_main(
     A collective waits at most `timeout_s` for a peer before this rank gives up and reports it. The
     worker ends when its `driver` lifeline closes; a terminal's Ctrl-C is for the driver to act on."""
     watch_driver(driver)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         group = init_group(rank, size, init_method, timeout_s)
