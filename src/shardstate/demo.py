@@ -76,7 +76,9 @@ def ensure_demo_model() -> Path:
 
 def ensure_sharded(model_dir: Path) -> Path:
     """The demo model converted to a TP=2 sharded state (once)."""
-    target = model_dir.with_name(f"{model_dir.name}-tp{DEMO_TP}")
+    # "-ids": states with state ids and rank-file records; an older shardstate's state (which --force may
+    # not replace: its manifest does not list the side files it copied) is left where it is
+    target = model_dir.with_name(f"{model_dir.name}-tp{DEMO_TP}-ids")
     if not (target / MANIFEST_NAME).is_file():
         say(f"converting it to a TP={DEMO_TP} sharded state in {target} ...")
         report = convert(model_dir, target, DEMO_TP, force=True)

@@ -160,7 +160,7 @@ def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tu
     }
     sharded: dict[int, Path] = {}
     for tp in tp_sizes:
-        sharded[tp] = cache_root / f"{model_dir.name}-tp{tp}"
+        sharded[tp] = cache_root / f"{model_dir.name}-tp{tp}-ids"  # "-ids": see demo.ensure_sharded
         evict(source_files)
         report = convert(model_dir, sharded[tp], tp, force=True, show_progress=False)
         evict(source_files)
