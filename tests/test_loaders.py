@@ -34,7 +34,8 @@ def expected_rank_state(model_dir: Path, tp: int, rank: int, dtype: torch.dtype)
         padded[: weight.shape[0]] = weight
         return padded.chunk(tp)[rank]
 
-    out = {"model.embed_tokens.weight": vocab_rows(hf["model.embed_tokens.weight"])}
+    tied = cfg.get("tie_word_embeddings")  # vLLM's name for the tied weight: lm_head.weight
+    out = {"lm_head.weight" if tied else "model.embed_tokens.weight": vocab_rows(hf["model.embed_tokens.weight"])}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         q, k, v = (hf[f"{p}self_attn.{x}_proj.weight"] for x in "qkv")
@@ -48,7 +49,7 @@ def expected_rank_state(model_dir: Path, tp: int, rank: int, dtype: torch.dtype)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"{p}{norm}.weight"] = hf[f"{p}{norm}.weight"]
     out["model.norm.weight"] = hf["model.norm.weight"]
-    if not cfg.get("tie_word_embeddings"):
+    if not tied:
         out["lm_head.weight"] = vocab_rows(hf["lm_head.weight"])
     return out
 

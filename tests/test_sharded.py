@@ -310,3 +310,35 @@ def test_verify_on_load_names_file_and_tensor_of_a_flipped_byte(sharded_tp2, tmp
             continue  # a filesystem without O_DIRECT (tmpfs)
         assert_one_error(result, f"tensor '{target}' does not match its checksum in {bad / file}")
     assert shardstate("generate", str(bad), *args).returncode == 0  # unchecked, it would load silently
+
+
+def test_tied_weight_is_saved_as_vllm_names_it_and_earlier_states_still_load(checkpoints, tmp_path):
+    """vLLM keeps a tied embedding as `lm_head.weight` (and its sharded_state loader asks for it); states
+    written before under `model.embed_tokens.weight` load, verify and reshard to the same model."""
+    src = checkpoints["mha_tied"]
+    state, earlier = tmp_path / "tp2", tmp_path / "earlier"
+    convert(src, state, 2)
+    doc = json.loads((state / "shardstate.json").read_text())
+    for records in doc["tensors"].values():
+        assert "lm_head.weight" in records and "model.embed_tokens.weight" not in records
+    shutil.copytree(state, earlier)
+    for name, record in doc["files"].items():
+        tensors = load_file(earlier / name)
+        if "lm_head.weight" in tensors:
+            tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
+            save_file(tensors, earlier / name, metadata=read_header(state / name).metadata)
+            data = (earlier / name).read_bytes()
+            record.update(size=len(data), crc32=zlib.crc32(data))
+    for records in doc["tensors"].values():
+        records["model.embed_tokens.weight"] = records.pop("lm_head.weight")
+    (earlier / "shardstate.json").write_text(json.dumps(doc))
+    tokens = {}
+    for directory in (state, earlier):
+        with LLM(directory, tensor_parallel_size=2, verify=True) as llm:
+            tokens[directory] = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+    assert tokens[earlier] == tokens[state]
+    assert shardstate("verify", str(earlier)).returncode == 0
+    resharded = convert(earlier, tmp_path / "tp1", 1)
+    convert(src, tmp_path / "direct", 1)
+    for file in resharded.files:
+        assert_same_but_state_id(tmp_path / "tp1" / file, tmp_path / "direct" / file)

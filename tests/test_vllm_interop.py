@@ -37,12 +37,13 @@ def prompt_args() -> list[str]:
     return [a for p in PROMPTS for a in ("--prompt-ids", p)]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    # head_dim 64: a size vLLM's CPU attention supports
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def checkpoint(tmp_path_factory, request) -> Path:
+    """Untied and tied Llama (tied: vLLM's files hold `lm_head.weight`, and so must shardstate's); head_dim
+    64: a size vLLM's CPU attention supports."""
     return make_llama_checkpoint(
         tmp_path_factory.mktemp("vllm") / "llama", seed=3, hidden_size=256, intermediate_size=512,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=request.param,
     )
 
 

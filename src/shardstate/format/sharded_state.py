@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,16 @@ from shardstate.spec import ShardSpec, spec_from_json
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
 LEGACY_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors")
+
+
+# Tied embeddings are saved as vLLM saves them, `lm_head.weight`; states from before kept the other name.
+TIED_EARLIER_NAMES = {"model.embed_tokens.weight": "lm_head.weight"}
+
+
+def model_name(tensor: str, needs: Collection[str]) -> str:
+    """The model's name for a tensor of a saved state (a tied embedding saved under its earlier name)."""
+    alias = TIED_EARLIER_NAMES.get(tensor)
+    return alias if alias is not None and tensor not in needs and alias in needs else tensor
 
 
 def vllm_scale_names(num_layers: int) -> list[str]:
@@ -143,15 +154,15 @@ def check_specs(manifest: Manifest, specs: dict[str, ShardSpec], path: Path) -> 
     """Every rank's tensors are exactly the model's parameters (plus constants), each recorded with the
     spec the model would cut it with: a state laid out for another model is refused before loading."""
     for rank, records in manifest.tensors.items():
-        params = {n for n, r in records.items() if r["spec"] != CONSTANT_SPEC}
-        if params != set(specs):
-            extra, lacking = sorted(params - set(specs)), sorted(set(specs) - params)
+        params = {model_name(n, specs): n for n, r in records.items() if r["spec"] != CONSTANT_SPEC}
+        if set(params) != set(specs):
+            extra, lacking = sorted(set(params) - set(specs)), sorted(set(specs) - set(params))
             raise ShardstateError(
                 f"rank {rank}'s tensors are not this model's parameters (extra {brief(extra[:2])}, missing "
                 f"{brief(lacking[:2])})", path, "convert again for this model",
             )
-        for name in params:
-            if spec_from_json(records[name]["spec"]) != specs[name]:
+        for name, saved_name in params.items():
+            if spec_from_json(records[saved_name]["spec"]) != specs[name]:
                 raise ShardstateError(f"tensor '{name}' of rank {rank} is recorded with another layout than this "
                                       "model's", path, "convert again with this shardstate for this model")
 
@@ -175,8 +186,10 @@ def index_rank(
         account.note_header(path, header.data_start)
         if state.manifest is not None:
             check_rank_file(state.manifest, path, header)
-        for tensor, entry in header.tensors.items():
-            constant = listed[tensor]["spec"] == CONSTANT_SPEC if listed is not None else tensor.endswith(VLLM_SCALES)
+        for saved_name, entry in header.tensors.items():
+            listed_constant = listed is not None and listed[saved_name]["spec"] == CONSTANT_SPEC
+            constant = listed_constant if listed is not None else saved_name.endswith(VLLM_SCALES)
+            tensor = model_name(saved_name, needs)
             if tensor in found:
                 raise ShardstateError(f"tensor '{tensor}' appears twice", path, "the files are damaged")
             found[tensor] = TensorLocation(path, entry)

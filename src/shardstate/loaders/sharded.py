@@ -100,20 +100,13 @@ def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
     return account
 
 
-def _recorded(records: dict[str, dict], name: str, location: TensorLocation) -> str:
-    if "xxh3_64" not in records.get(name, {}):
-        raise ShardstateError(f"the manifest has no checksum for tensor '{name}'", location.file,
-                              "convert again with this shardstate to get checksums")
-    return records[name]["xxh3_64"]
-
-
 def expected_digests(records: dict[str, dict], locations: dict[str, TensorLocation]) -> StreamingDigests:
     """What the read path checks as bytes arrive: each tensor's range in its file and recorded digest."""
     by_file: dict[Path, list[Expected]] = {}
     for name, location in locations.items():
         entry = location.entry
         by_file.setdefault(location.file, []).append(
-            Expected(name, entry.begin, entry.end, _recorded(records, name, location))
+            Expected(name, entry.begin, entry.end, records[entry.name]["xxh3_64"])  # entry.name: the saved name
         )
     return StreamingDigests(by_file)
 
@@ -122,7 +115,7 @@ def check_digests(records: dict[str, dict], params: dict, locations: dict[str, T
     """Every loaded tensor's bytes against the digest its writer recorded (after the load, for modes
     that do not read through the arena); the first mismatch is named."""
     def check(name: str) -> None:
-        expected = _recorded(records, name, locations[name])
+        expected = records[locations[name].entry.name]["xxh3_64"]
         data = params[name].data.detach().cpu().reshape(-1).view(torch.uint8)
         if tensor_digest(memoryview(data.numpy())) != expected:
             raise digest_mismatch(name, locations[name].file)

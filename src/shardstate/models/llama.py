@@ -164,13 +164,18 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.group = group
-        self.model = LlamaModel(config, group, dtype)
         head_source = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         vocab_shape = (config.vocab_size, config.hidden_size)
         head_spec = spec.vocab(head_source, vocab_shape, config.padded_vocab_size, group.size)
-        self.lm_head = ParallelLMHead(head_spec, dtype, group, config.vocab_size)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            # vLLM keeps tied embeddings as `lm_head.weight` (the smaller key of tensors sharing storage) and
+            # its sharded_state loader asks for that name: registered first, the head names the parameter
+            self.lm_head = ParallelLMHead(head_spec, dtype, group, config.vocab_size)
+            self.model = LlamaModel(config, group, dtype)
+            self.model.embed_tokens.weight = self.lm_head.weight
+        else:
+            self.model = LlamaModel(config, group, dtype)
+            self.lm_head = ParallelLMHead(head_spec, dtype, group, config.vocab_size)
 
     def shard_specs(self) -> dict[str, spec.ShardSpec]:
         """Parameter name -> spec, one entry per distinct parameter (a tied lm_head is not repeated)."""
