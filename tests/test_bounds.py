@@ -18,7 +18,7 @@ from shardstate.config import load_config
 from shardstate.errors import ShardstateError
 from shardstate.models import build_on_meta, check_generation_fits
 from shardstate.models.llama import KVCache
-from shardstate.runtime.distributed import TPGroup
+from shardstate.parallel.distributed import TPGroup
 from shardstate.runtime.llm import LLM
 from shardstate.runtime.torchrun import generate_under_torchrun
 from test_cli import edit_config

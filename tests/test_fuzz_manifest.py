@@ -27,7 +27,7 @@ from shardstate.errors import ShardstateError
 from shardstate.format.manifest import MANIFEST_NAME
 from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import build_on_meta
-from shardstate.runtime.distributed import TPGroup
+from shardstate.parallel.distributed import TPGroup
 from shardstate.synthetic import make_llama_checkpoint
 
 EXAMPLES = int(os.environ.get("SHARDSTATE_FUZZ_EXAMPLES", "300"))

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from shardstate.runtime.distributed import torchrun_env
+    from shardstate.parallel.distributed import torchrun_env
 
     if torchrun_env() is not None:
         from shardstate.runtime.torchrun import generate_under_torchrun

@@ -17,8 +17,8 @@ from shardstate.format.manifest import new_state_id
 from shardstate.format.sharded_state import is_sharded_state
 from shardstate.io.reader import ReadAccount
 from shardstate.models import build_on_meta
+from shardstate.parallel.distributed import TPGroup
 from shardstate.progress import Progress
-from shardstate.runtime.distributed import TPGroup
 from shardstate.sources import CheckpointSource, ShardedSource, TensorSource
 from shardstate.store.output import staged_output
 from shardstate.store.writer import StatePlan, complete_state

@@ -16,7 +16,7 @@ from shardstate.io.engine import Scratch, Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked
 from shardstate.models import build_on_meta
-from shardstate.runtime.distributed import TPGroup
+from shardstate.parallel.distributed import TPGroup
 from shardstate.spec import ShardSpec
 
 

@@ -15,7 +15,7 @@ from shardstate.format.sharded_state import check_inside, check_rank_file, check
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.files import open_regular
 from shardstate.models import build_on_meta
-from shardstate.runtime.distributed import TPGroup
+from shardstate.parallel.distributed import TPGroup
 
 CHUNK = 16 << 20
 

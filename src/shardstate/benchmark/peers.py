@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shardstate.benchmark import transformers_peer, vllm_peer
 from shardstate.io.janitor import Janitor
-from shardstate.runtime.distributed import cores_per_rank, free_port
+from shardstate.parallel.distributed import cores_per_rank, free_port
 
 LOAD_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 

@@ -37,8 +37,8 @@ def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, mo
     from shardstate.config import load_config
     from shardstate.dtypes import resolve_dtype
     from shardstate.models import build_on_meta
-    from shardstate.runtime.distributed import TPGroup
-    from shardstate.runtime.layers import materialize
+    from shardstate.parallel.distributed import TPGroup
+    from shardstate.parallel.layers import materialize
 
     config = load_config(model_dir)
     model = build_on_meta(config, TPGroup(rank, tp_size), resolve_dtype(None, config, model_dir))

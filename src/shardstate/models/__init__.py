@@ -11,7 +11,7 @@ import torch
 from shardstate.config import ModelConfig
 from shardstate.errors import ShardstateError
 from shardstate.models.llama import LlamaForCausalLM
-from shardstate.runtime.distributed import TPGroup
+from shardstate.parallel.distributed import TPGroup
 
 ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM}
 

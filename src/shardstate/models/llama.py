@@ -10,8 +10,8 @@ from torch import nn
 
 from shardstate import spec
 from shardstate.config import ModelConfig
-from shardstate.runtime.distributed import TPGroup
-from shardstate.runtime.layers import (
+from shardstate.parallel.distributed import TPGroup
+from shardstate.parallel.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
     RMSNorm,

@@ -24,7 +24,7 @@ from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import build_on_meta, check_generation_fits, check_parameters_fit
-from shardstate.runtime.distributed import TPGroup, cores_per_rank, free_port
+from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
 from shardstate.runtime.lifeline import lifeline, sigint_ignored
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main

@@ -13,7 +13,7 @@ from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.loaders import LoadReport
 from shardstate.models import check_generation_fits, check_parameters_fit
-from shardstate.runtime.distributed import init_group, torchrun_env
+from shardstate.parallel.distributed import init_group, torchrun_env
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
 

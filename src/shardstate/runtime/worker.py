@@ -18,9 +18,9 @@ from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.loaders import IOOptions, load_weights
 from shardstate.models import build_on_meta
-from shardstate.runtime.distributed import TPGroup, cores_per_rank, device_for, init_group
+from shardstate.parallel.distributed import TPGroup, cores_per_rank, device_for, init_group
+from shardstate.parallel.layers import materialize
 from shardstate.runtime.generate import Generation, greedy_generate
-from shardstate.runtime.layers import materialize
 from shardstate.runtime.lifeline import watch_driver
 from shardstate.store.writer import StatePlan
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardstate.runtime.distributed import TPGroup
+from shardstate.parallel.distributed import TPGroup
 from shardstate.spec import ShardSpec
 
 
