@@ -16,7 +16,7 @@ from shardstate.cli import main
 from shardstate.convert import convert
 from shardstate.format.safetensors_header import read_header
 from shardstate.state_info import verify_state
-from shardstate.store.output import STAGING_MARKER
+from shardstate.store.output import STAGING_MARKER, remove_replaced
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
@@ -187,3 +187,15 @@ def test_a_replace_that_cannot_remove_the_previous_version_succeeds_with_a_warni
     finally:
         for path in world.rglob("config.json"):
             subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def test_removing_a_replaced_version_never_follows_a_link_put_in_its_place(tmp_path, capsys):
+    """Were OUT swapped for a link in the instant before the exchange, the link is what comes back: the
+    names of the old manifest are never removed through it."""
+    target = tmp_path / "someone-elses"
+    target.mkdir()
+    (target / "config.json").write_text("theirs")
+    (tmp_path / "old").symlink_to(target)
+    remove_replaced(tmp_path / "old", {"config.json", "shardstate.json"})
+    assert (target / "config.json").read_text() == "theirs"
+    assert "warning: the output was replaced, but its previous version is kept at" in capsys.readouterr().err

@@ -127,24 +127,34 @@ def remove_stale_staging(out: Path) -> None:
 
 
 def remove_replaced(old: Path, names: set[str]) -> None:
-    """Remove the previous OUT after it was swapped out: only the entries its manifest accounts for, then
-    the directory. Whatever cannot go (a file that appeared meanwhile, a file that may not be removed) is
-    kept, and said so; never an error, since the new OUT is already in place."""
+    """Remove the previous OUT after it was swapped out: only the entries its manifest accounts for (through
+    a descriptor of the directory itself, never through a link put in its place), then the directory.
+    Whatever cannot go (a file that appeared meanwhile, a file that may not be removed) is kept, and said
+    so; never an error, since the new OUT is already in place."""
     problem = None
-    for name in (*(names - {MANIFEST_NAME}), MANIFEST_NAME):  # the manifest last: to the end it says "ours"
-        try:
-            (old / name).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            problem = problem or f"{name}: {exc.strerror}"
     try:
-        old.rmdir()
+        directory = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        problem = problem or ("it holds files that appeared meanwhile" if exc.errno == errno.ENOTEMPTY
-                              else exc.strerror)
-        print(f"warning: the output was replaced, but its previous version is kept at {old} ({problem}); "
-              "check and remove it yourself", file=sys.stderr)
+        directory, problem = None, exc.strerror
+    if directory is not None:
+        try:
+            for name in (*(names - {MANIFEST_NAME}), MANIFEST_NAME):  # the manifest last: it says "ours" to the end
+                try:
+                    os.unlink(name, dir_fd=directory)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    problem = problem or f"{name}: {exc.strerror}"
+        finally:
+            os.close(directory)
+        try:
+            old.rmdir()
+            return
+        except OSError as exc:
+            problem = problem or ("it holds files that appeared meanwhile" if exc.errno == errno.ENOTEMPTY
+                                  else exc.strerror)
+    print(f"warning: the output was replaced, but its previous version is kept at {old} ({problem}); "
+          "check and remove it yourself", file=sys.stderr)
 
 
 def _as_in_out(text: str, tmp: Path, out: Path) -> str:
