@@ -135,6 +135,7 @@ CONFIG_CASES = [  # (config.json changes, the start of the error after "error: "
     ({"eos_token_id": "a"}, "'eos_token_id' is 'a', not a token id or a list of them in [0, 203)"),
     ({"eos_token_id": [2, 10**6]}, "'eos_token_id' is [2, 1000000], not a token id"),
     ({"tie_word_embeddings": "yes"}, "'tie_word_embeddings' is 'yes', not true or false"),
+    ({"attention_bias": "false"}, "'attention_bias' is 'false', not true or false"),
 ]
 
 

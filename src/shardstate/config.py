@@ -134,7 +134,10 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         return float(value)
 
     for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
+        value = cfg.get(flag, False)
+        if not isinstance(value, bool):
+            raise ShardstateError(f"'{flag}' is {brief(value)}, not true or false", path, "repair config.json")
+        if value:
             raise ShardstateError(f"'{flag}': true is not supported yet", path, "use a model without biases")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ShardstateError(f"hidden_act {brief(cfg['hidden_act'])} is not supported", path, "use a silu model")
