@@ -226,7 +226,7 @@ def test_kv_cache_estimate_is_what_the_model_allocates(checkpoints, tp):
 def test_kv_cache_beyond_available_memory_is_refused(checkpoints, tmp_path, monkeypatch):
     config = load_config(edit_config(checkpoints["gqa_untied"], tmp_path / "m", max_position_embeddings=1 << 20))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("shardstate.models.available_memory_bytes", lambda: 1 << 30)
+    monkeypatch.setattr("shardstate.memory.available_memory_bytes", lambda: 1 << 30)
     prompts = [[1, 2, 3]] * 4
     check_generation_fits(config, prompts, 1000, 2, torch.float32, ranks_here=2)  # 4 x 1003 positions: 2 MB
     with pytest.raises(ShardstateError, match=r"KV cache for 4 prompt\(s\) x 1000003 positions needs 2.0 GB on "

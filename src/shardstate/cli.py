@@ -223,22 +223,12 @@ def run_generate(args: argparse.Namespace) -> None:
         if result is not None:  # rank 0
             print_generation(*result, args.json)
         return
-    refuse_generation_too_long(args)  # before loading: LLM.generate checks again
+    from shardstate.runtime.prompts import prepare_prompts
+
+    prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp)  # before loading
     with start_llm(args.model, args) as llm:
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
-
-
-def refuse_generation_too_long(args: argparse.Namespace) -> None:
-    from shardstate.config import load_config
-    from shardstate.dtypes import resolve_dtype
-    from shardstate.models import check_generation_fits
-    from shardstate.runtime.prompts import PromptCodec
-
-    config = load_config(args.model)
-    prompt_ids = PromptCodec(args.model, config).encode(args.prompts)
-    dtype = resolve_dtype(args.dtype, config, args.model)
-    check_generation_fits(config, prompt_ids, args.max_new_tokens, args.tp, dtype, ranks_here=args.tp)
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ import re
 import string
 import unicodedata
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardstate.errors import ShardstateError, brief
@@ -62,6 +62,8 @@ class Manifest:
     pp_size: int = 1
     pattern: str = PP1_PATTERN
     quantization: str | None = None
+    # rank -> name -> the parameter's spec, as parsed when the manifest was read (not written: `tensors` holds it)
+    specs: dict[str, dict[str, ShardSpec]] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {
@@ -303,6 +305,7 @@ def _tensors(r: _Reader, value: object, manifest: Manifest) -> dict[str, dict[st
         raise r.fail("'tensors'", f"has ranks {brief(sorted(ranks))}, not 0..{manifest.tp_size - 1}")
     used: set[str] = set()
     for rank, tensors in ranks.items():
+        specs = manifest.specs[rank] = {}
         for name, record in r.obj(f"tensors[{rank}]", tensors).items():
             field = f"tensors[{rank}][{brief(name, 160)}]"
             r.obj(field, record, TENSOR_FIELDS)
@@ -315,20 +318,22 @@ def _tensors(r: _Reader, value: object, manifest: Manifest) -> dict[str, dict[st
             shape = r.shape(f"{field}.shape", record["shape"])
             r.shape(f"{field}.global_shape", record["global_shape"])
             r.text(f"{field}.xxh3_64", record["xxh3_64"], HEX16)
-            _check_spec(r, field, record, shape, manifest)
+            spec = _checked_spec(r, field, record, shape, manifest)
+            if spec is not None:
+                specs[name] = spec
     unused = sorted(set(manifest.files) - used)
     if unused:
         raise r.fail("'files'", f"lists {unused[0]}, which holds no tensor")
     return ranks
 
 
-def _check_spec(r: _Reader, field: str, record: dict, shape: list[int], manifest: Manifest) -> None:
-    """A constant scale is F32 []; a parameter's spec parses, is for this TP size, gives the recorded
-    shapes and has the state's dtype."""
+def _checked_spec(r: _Reader, field: str, record: dict, shape: list[int], manifest: Manifest) -> ShardSpec | None:
+    """A parameter's spec: it parses, is for this TP size, gives the recorded shapes and has the state's
+    dtype. None for a constant scale, which must be F32 []."""
     if record["spec"] == CONSTANT_SPEC:
         if (record["dtype"], shape, record["global_shape"]) != ("F32", [], []):
             raise r.fail(field, "is a constant but not an F32 scalar")
-        return
+        return None
     try:
         spec = spec_from_json(record["spec"], f"{field}.spec")
     except ValueError as exc:
@@ -339,3 +344,4 @@ def _check_spec(r: _Reader, field: str, record: dict, shape: list[int], manifest
         raise r.fail(field, f"has shape {brief(shape)}, its spec gives {list(spec.local_shape())}")
     if record["dtype"] != manifest.dtype:
         raise r.fail(f"{field}.dtype", f"is {record['dtype']}, the state's dtype is {manifest.dtype}")
+    return spec

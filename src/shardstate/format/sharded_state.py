@@ -29,7 +29,7 @@ from shardstate.format.manifest import (
 from shardstate.format.safetensors_header import DTYPE_NAMES, DTYPES, SafetensorsHeader, read_header
 from shardstate.io.files import read_regular
 from shardstate.io.reader import ReadAccount
-from shardstate.spec import ShardSpec, spec_from_json
+from shardstate.spec import ShardSpec
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
 LEGACY_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors")
@@ -153,8 +153,8 @@ def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader) -
 def check_specs(manifest: Manifest, specs: dict[str, ShardSpec], path: Path) -> None:
     """Every rank's tensors are exactly the model's parameters (plus constants), each recorded with the
     spec the model would cut it with: a state laid out for another model is refused before loading."""
-    for rank, records in manifest.tensors.items():
-        params = {model_name(n, specs): n for n, r in records.items() if r["spec"] != CONSTANT_SPEC}
+    for rank, recorded in manifest.specs.items():
+        params = {model_name(n, specs): n for n in recorded}
         if set(params) != set(specs):
             extra, lacking = sorted(set(params) - set(specs)), sorted(set(specs) - set(params))
             raise ShardstateError(
@@ -162,7 +162,7 @@ def check_specs(manifest: Manifest, specs: dict[str, ShardSpec], path: Path) -> 
                 f"{brief(lacking[:2])})", path, "convert again for this model",
             )
         for name, saved_name in params.items():
-            if spec_from_json(records[saved_name]["spec"]) != specs[name]:
+            if recorded[saved_name] != specs[name]:
                 raise ShardstateError(f"tensor '{name}' of rank {rank} is recorded with another layout than this "
                                       "model's", path, "convert again with this shardstate for this model")
 

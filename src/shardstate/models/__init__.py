@@ -3,11 +3,11 @@ names, rank-local shapes and ShardSpecs."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
+from shardstate import memory
 from shardstate.config import ModelConfig
 from shardstate.errors import ShardstateError
 from shardstate.models.llama import LlamaForCausalLM
@@ -23,42 +23,19 @@ def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> Ll
         return ARCHITECTURES[config.architecture](config, group, dtype)
 
 
-def rank_parameter_bytes(config: ModelConfig, tp_size: int, dtype: torch.dtype) -> int:
-    """One rank's parameter bytes, from the meta model (every rank has the same shapes; tied once)."""
-    model = build_on_meta(config, TPGroup(0, tp_size), dtype)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def physical_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo: what can still be allocated without swapping (None if unknown)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def check_parameters_fit(config: ModelConfig, tp_size: int, dtype: torch.dtype, ranks_here: int) -> None:
-    """Refuse, before any worker materialises parameters, a model whose parameters for the `ranks_here`
-    ranks on this host exceed its physical memory. CPU runs only (with CUDA the GPUs hold them)."""
-    host = None if torch.cuda.is_available() else physical_memory_bytes()
+def check_parameters_fit(model: LlamaForCausalLM, ranks_here: int) -> None:
+    """Refuse, before any worker materialises parameters, a model (built on meta: its shapes are free)
+    whose parameters for the `ranks_here` ranks on this host exceed its physical memory. CPU runs only
+    (with CUDA the GPUs hold them)."""
+    host = None if torch.cuda.is_available() else memory.physical_memory_bytes()
     if host is None:
         return
-    per_rank = rank_parameter_bytes(config, tp_size, dtype)
+    config, tp_size, dtype = model.config, model.group.size, next(model.parameters()).dtype
+    per_rank = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied weight once
     if per_rank * ranks_here <= host:
         return
     if ranks_here == 1:
@@ -85,7 +62,7 @@ def check_generation_fits(
             f"max_position_embeddings={config.max_position_embeddings}", config.path,
             "ask for fewer new tokens or a shorter prompt",
         )
-    available = None if torch.cuda.is_available() else available_memory_bytes()
+    available = None if torch.cuda.is_available() else memory.available_memory_bytes()
     need = config.kv_cache_bytes(tp_size, len(prompt_ids), positions, dtype) * ranks_here
     if available is not None and need > available:
         raise ShardstateError(

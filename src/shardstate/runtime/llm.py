@@ -96,11 +96,12 @@ class LLM:
         self.tp_size = tensor_parallel_size
         self.prompts = PromptCodec(self.model_dir, self.config)
         self._model_dtype = resolve_dtype(dtype, self.config, self.model_dir)
-        check_parameters_fit(self.config, tensor_parallel_size, self._model_dtype, ranks_here=tensor_parallel_size)
+        meta_model = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype)
+        check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
+        self._specs = meta_model.shard_specs()  # the same for every rank
         self.timeout = timeout
         if load_format == "sharded":  # refuse a bad state before any worker starts
-            specs = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype).shard_specs()
-            check_before_workers(self.model_dir, specs, self._model_dtype, verify)
+            check_before_workers(self.model_dir, self._specs, self._model_dtype, verify)
         args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -221,8 +222,7 @@ class LLM:
         with staged_output(out, self.model_dir, force) as tmp:
             written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
                                  state_id=state_id)
-            specs = build_on_meta(self.config, TPGroup(0, self.tp_size), self._model_dtype).shard_specs()
-            plan = StatePlan.make(specs, self._model_dtype, self.config.num_hidden_layers, max_size, state_id,
+            plan = StatePlan.make(self._specs, self._model_dtype, self.config.num_hidden_layers, max_size, state_id,
                                   pattern)
             sources = find_weight_files(self.model_dir)
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
-from shardstate.config import ModelConfig
+from shardstate.config import ModelConfig, load_config
+from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
+from shardstate.models import check_generation_fits
 from shardstate.runtime.generate import Generation
 from shardstate.tokenizer import Tokenizer
 
@@ -58,3 +60,26 @@ class PromptCodec:
             Output(ids, new, self.tokenizer.decode(new) if has_text else None, generation.first_logits[row])
             for row, (ids, new) in enumerate(zip(prompt_ids, generation.token_ids, strict=True))
         ]
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    config: ModelConfig
+    dtype: torch.dtype
+    codec: PromptCodec
+    ids: list[list[int]]
+
+
+def prepare_prompts(
+    model_dir: str | Path, dtype_name: str | None, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
+    tp_size: int, ranks_here: int,
+) -> PreparedPrompts:
+    """Before anything is loaded: config.json read and the TP size checked, the prompts encoded, and the
+    generation checked to fit the model's positions and (CPU) this host's memory."""
+    config = load_config(model_dir)
+    config.check_tp_size(tp_size)
+    dtype = resolve_dtype(dtype_name, config, model_dir)
+    codec = PromptCodec(Path(model_dir), config)
+    ids = codec.encode(prompts)
+    check_generation_fits(config, ids, max_new_tokens, tp_size, dtype, ranks_here)
+    return PreparedPrompts(config, dtype, codec, ids)

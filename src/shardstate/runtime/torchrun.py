@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch.distributed as dist
 
-from shardstate.config import load_config
-from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.loaders import LoadReport
-from shardstate.models import check_generation_fits, check_parameters_fit
-from shardstate.parallel.distributed import init_group, torchrun_env
-from shardstate.runtime.prompts import Output, PromptCodec
+from shardstate.models import build_on_meta, check_parameters_fit
+from shardstate.parallel.distributed import TPGroup, init_group, torchrun_env
+from shardstate.runtime.prompts import Output, prepare_prompts
 from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
 
 
@@ -25,14 +22,10 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
         raise ShardstateError(
             f"--tp {args.tp} but torchrun started {world} processes", None, f"pass --tp {world} or omit it"
         )
-    config = load_config(args.model)
-    config.check_tp_size(world)
-    codec = PromptCodec(Path(args.model), config)
-    prompt_ids = codec.encode(args.prompts)
-    dtype = resolve_dtype(args.dtype, config, args.model)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this host
-    check_parameters_fit(config, world, dtype, ranks_here)
-    check_generation_fits(config, prompt_ids, args.max_new_tokens, world, dtype, ranks_here)
+    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, world, ranks_here)
+    config, codec, prompt_ids = prepared.config, prepared.codec, prepared.ids
+    check_parameters_fit(build_on_meta(config, TPGroup(0, world), prepared.dtype), ranks_here)
     try:
         group = init_group(rank, world, timeout_s=args.timeout)  # the rendezvous times out like a collective
         args_for_worker = WorkerArgs(
