@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from shardstate.errors import ShardstateError
@@ -31,10 +32,16 @@ def resolve_load_format(load_format: str, model_dir: str | Path) -> str:
 def load_weights(
     load_format: str, model: nn.Module, model_dir: str | Path, rank: int, io: IOOptions | None = None
 ) -> LoadReport:
-    """Fill `model`'s materialised parameters from `model_dir` with the named strategy; time it."""
+    """Fill `model`'s materialised parameters from `model_dir` with the named strategy and move them to
+    `io.device` (a no-op for parameters the sharded loader put there); time both."""
+    target = LoadTarget.of(model, rank, io)
     loader = LOADERS[resolve_load_format(load_format, model_dir)]
     start = time.perf_counter()
-    account = loader(LoadTarget.of(model, rank, io), Path(model_dir))
+    account = loader(target, Path(model_dir))
+    device = torch.device(target.io.device)
+    if device.type != "cpu":
+        model.to(device)
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak_rss = peak_rss_bytes()
     return LoadReport(rank, seconds, account.bytes_read, account.files, account.bytes_mapped, peak_rss)

@@ -54,8 +54,6 @@ class Worker:
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank, io)
-        if device.type != "cpu":  # no-op for parameters the sharded loader already put there
-            self.model.to(device)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
