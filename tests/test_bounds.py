@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from shardstate.cli import build_parser
-from shardstate.config import load_config
 from shardstate.errors import ShardstateError
-from shardstate.models import build_on_meta, check_generation_fits
-from shardstate.models.llama import KVCache
+from shardstate.models import build_on_meta, check_generation_fits, load_config
+from shardstate.models.decoder import KVCache
 from shardstate.parallel.distributed import TPGroup
 from shardstate.runtime.llm import LLM
 from shardstate.runtime.torchrun import generate_under_torchrun

@@ -22,12 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardstate.cli import main
-from shardstate.config import load_config
 from shardstate.convert import convert
 from shardstate.errors import ShardstateError
 from shardstate.format.manifest import MANIFEST_NAME
 from shardstate.loaders.sharded import check_before_workers
-from shardstate.models import build_on_meta
+from shardstate.models import build_on_meta, load_config
 from shardstate.parallel.distributed import TPGroup
 from shardstate.synthetic import make_llama_checkpoint
 

@@ -180,3 +180,42 @@ def test_rank_files_record_their_state_rank_and_part(state):
         meta = read_header(state / name).metadata
         assert meta == {"format": "pt", "writer": "shardstate", "state": doc["state_id"], "rank": str(record["rank"]),
                         "tp_size": "2", "part": str(record["part"])}
+
+
+def as_version_1(doc: dict) -> dict:
+    """A manifest as shardstate 0.1 (format version 1) wrote it: specs with a kind, joined on dim 0."""
+    def spec_v1(spec: dict) -> dict:
+        assert spec["join_dim"] == 0 and spec["experts"] == 0
+        parts = [{k: v for k, v in p.items() if k != "box"} for p in spec["parts"]]
+        kind = ("fused" if len(parts) > 1 else "vocab" if parts[0]["padded"] else
+                "replicated" if parts[0]["chunks"] == 1 else "split")
+        return {"kind": kind, "tp_size": spec["tp_size"], "parts": parts}
+
+    tensors = {rank: {name: {**record, "spec": record["spec"] if record["spec"].get("kind") == "constant"
+                             else spec_v1(record["spec"])} for name, record in records.items()}
+               for rank, records in doc["tensors"].items()}
+    return {**doc, "version": 1, "tensors": tensors}
+
+
+def test_a_version_1_state_still_verifies_loads_and_reshards(state, tmp_path, capsys):
+    old = tmp_path / "v1"
+    shutil.copytree(state, old)
+    doc = json.loads((old / "shardstate.json").read_text())
+    assert doc["version"] == 2
+    (old / "shardstate.json").write_text(json.dumps(as_version_1(doc)))
+    assert main(["verify", str(old)]) == 0
+    assert main(["inspect", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["format"] == "shardstate v1"
+    convert(old, tmp_path / "from-v1", 1)
+    convert(state, tmp_path / "from-v2", 1)
+    for name in ("model-rank-0-part-0.safetensors",):
+        a, b = read_header(tmp_path / "from-v1" / name), read_header(tmp_path / "from-v2" / name)
+        assert a.tensors == b.tensors
+        start = a.data_start
+        assert (tmp_path / "from-v1" / name).read_bytes()[start:] == (tmp_path / "from-v2" / name).read_bytes()[start:]
+    result = subprocess.run([BIN / "shardstate", "generate", str(old), "--tp", "2", "--prompt-ids", "1,2,3",
+                             "--max-new-tokens", "4", "--json"], capture_output=True, text=True, check=False)
+    reference = subprocess.run([BIN / "shardstate", "generate", str(state), "--tp", "2", "--prompt-ids", "1,2,3",
+                                "--max-new-tokens", "4", "--json"], capture_output=True, text=True, check=False)
+    assert result.returncode == reference.returncode == 0, result.stderr + reference.stderr
+    assert json.loads(result.stdout)["outputs"] == json.loads(reference.stdout)["outputs"]

@@ -145,7 +145,7 @@ def edit_config(directory: Path) -> None:
          "manifest is not valid JSON"),
         ("future manifest version", "2", lambda d: (d / "shardstate.json").write_text(
             json.dumps({**json.loads((d / "shardstate.json").read_text()), "version": 99})),
-         "manifest version 99, this shardstate reads version 1"),
+         "manifest version 99, this shardstate reads versions 1, 2"),
         ("extra key", "2", rewrite_rank0(lambda st: {**st, "model.extra.weight": torch.zeros(2)}),
          "unexpected tensor 'model.extra.weight'"),
         ("missing key", "2", rewrite_rank0(lambda st: {k: v for k, v in st.items() if k != QKV}),

@@ -1,4 +1,5 @@
-"""The part of a Hugging Face config.json that a Llama-family TP model needs, validated."""
+"""The part of a Hugging Face config.json that a decoder family's TP model needs, validated. Each family
+(models/<family>.py) reads its config with a ConfigReader; models.load_config picks the family."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from shardstate.dtypes import DTYPE_ALIASES
 from shardstate.errors import ShardstateError, brief
 from shardstate.io.files import read_regular
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 VOCAB_PADDING = 64  # vLLM pads the vocabulary to a multiple of 64 before splitting it across ranks
 
 # Upper bounds on config.json's sizes, checked before any layer is built. Released models sit far below
@@ -33,6 +33,30 @@ DEFAULT_MAX_POSITIONS = 2048  # transformers' LlamaConfig default when config.js
 
 
 @dataclass(frozen=True)
+class Rope:
+    """Rotary embedding: base frequency and the scaling config.json asks for (transformers' rope types)."""
+
+    theta: float
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 0
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts MLP: `experts` experts of `intermediate_size`, `top_k` per token."""
+
+    experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool  # renormalise the top-k routing weights to sum to 1
+    shared_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    dense_layers: frozenset[int] = frozenset()  # layers with a plain MLP instead
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: Path
     architecture: str
@@ -45,11 +69,15 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: Rope
     tie_word_embeddings: bool
     dtype: torch.dtype | None  # what config.json declares, if anything
     eos_token_ids: tuple[int, ...]
     fingerprint: str  # sha256 of config.json's bytes
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k before RoPE
+    sliding_window: int | None = None  # attend to keys within the last this many positions
+    moe: MoE | None = None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -82,12 +110,16 @@ class ModelConfig:
             )
         if self.intermediate_size % tp_size:
             raise refuse("intermediate_size", self.intermediate_size)
+        if self.moe is not None and self.moe.intermediate_size % tp_size:
+            raise refuse("moe_intermediate_size", self.moe.intermediate_size)
+        if self.moe is not None and self.moe.shared_intermediate_size % tp_size:
+            raise refuse("shared_expert_intermediate_size", self.moe.shared_intermediate_size)
         if self.padded_vocab_size % tp_size:
             raise refuse("the padded vocab size", self.padded_vocab_size)
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read MODEL/config.json; refuse what the Llama TP model cannot run, with the reason."""
+def read_config_json(model_dir: str | Path) -> tuple[dict, bytes, Path]:
+    """MODEL/config.json as a dict, its bytes and its path; one clear error for anything else."""
     if not Path(model_dir).is_dir():
         raise ShardstateError("not a directory", Path(model_dir), "pass a Hugging Face model directory")
     path = Path(model_dir) / "config.json"
@@ -103,87 +135,120 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ShardstateError(f"config.json is not valid JSON ({exc})", path, "repair the file") from None
     if not isinstance(cfg, dict):
         raise ShardstateError("config.json is not a JSON object", path, "repair the file")
+    return cfg, raw, path
 
+
+def architecture_of(cfg: dict) -> object:
     architectures = cfg.get("architectures")
-    architecture = architectures[0] if isinstance(architectures, list) and architectures else None
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ShardstateError(
-            f"unsupported architecture {brief(architecture)}", path,
-            f"shardstate supports {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
+    return architectures[0] if isinstance(architectures, list) and architectures else None
 
-    def need(key: str, most: int, default: int | None = None) -> int:
-        """config[key] (`default` when absent or null): an integer from 1 to `most`."""
-        value = cfg.get(key)
+
+class ConfigReader:
+    """Typed, bounded reads of config.json's keys; each refusal names the key and the file. Families read
+    their own keys with it (models/<family>.py) on top of the ones every decoder has (`common`)."""
+
+    def __init__(self, cfg: dict, raw: bytes, path: Path) -> None:
+        self.cfg, self.raw, self.path = cfg, raw, path
+
+    def refuse(self, problem: str, todo: str = "repair config.json") -> ShardstateError:
+        return ShardstateError(problem, self.path, todo)
+
+    def integer(self, key: str, most: int, default: int | None = None, least: int = 1) -> int:
+        """config[key] (`default` when absent or null): an integer from `least` to `most`."""
+        value = self.cfg.get(key)
         if value is None:
             if default is None:
-                raise ShardstateError(f"'{key}' is missing", path, "repair config.json")
+                raise self.refuse(f"'{key}' is missing")
             value = default
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ShardstateError(f"'{key}' is {brief(value)}, not a positive integer", path, "repair config.json")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
+            raise self.refuse(f"'{key}' is {brief(value)}, not {kind}")
         if value > most:
-            raise ShardstateError(f"'{key}' is {brief(value)}, above shardstate's limit of {most}", path,
-                                  "repair config.json")
+            raise self.refuse(f"'{key}' is {brief(value)}, above shardstate's limit of {most}")
         return value
 
-    def positive_number(key: str, value: object) -> float:
+    def number(self, key: str, default: float, value: object = None) -> float:
         """A finite positive JSON number: not a bool, not a string, not NaN or Infinity."""
+        value = self.cfg.get(key, default) if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= sys.float_info.max:
-            raise ShardstateError(f"'{key}' is {brief(value)}, not a finite positive number", path,
-                                  "repair config.json")
+            raise self.refuse(f"'{key}' is {brief(value)}, not a finite positive number")
         return float(value)
 
-    for flag in ("attention_bias", "mlp_bias"):
-        value = cfg.get(flag, False)
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.cfg.get(key, default)
         if not isinstance(value, bool):
-            raise ShardstateError(f"'{flag}' is {brief(value)}, not true or false", path, "repair config.json")
-        if value:
-            raise ShardstateError(f"'{flag}': true is not supported yet", path, "use a model without biases")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ShardstateError(f"hidden_act {brief(cfg['hidden_act'])} is not supported", path, "use a silu model")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else None
-    if rope_type != "default":
-        raise ShardstateError(f"RoPE scaling {brief(rope_type)} is not supported yet", path, "use default RoPE")
-    rope_theta = rope["rope_theta"] if "rope_theta" in rope else cfg.get("rope_theta", 10000.0)
+            raise self.refuse(f"'{key}' is {brief(value)}, not true or false")
+        return value
 
-    heads = need("num_attention_heads", MAX_HEADS)
-    hidden = need("hidden_size", MAX_HIDDEN_SIZE)
-    kv_heads = need("num_key_value_heads", MAX_HEADS, default=heads)
-    if heads % kv_heads:
-        raise ShardstateError(
-            f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}", path,
-            "repair config.json",
+    def unsupported(self, key: str, default: object, what: str) -> None:
+        """Refuse a key whose value asks for something this family's model does not implement."""
+        value = self.cfg.get(key, default)
+        if value != default:
+            raise self.refuse(f"'{key}': {brief(value)} is not supported yet", f"use a model without {what}")
+
+    def sliding_window(self, enabled: bool = True) -> int | None:
+        """The attention window (keys within the last `sliding_window` positions), or None."""
+        if not enabled or self.cfg.get("sliding_window") is None:
+            return None
+        return self.integer("sliding_window", MAX_POSITIONS)
+
+    def rope(self, max_positions: int) -> Rope:
+        rope = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise self.refuse(f"'rope_scaling' is {brief(rope)}, not an object")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        theta = self.number("rope_theta", 10000.0, rope.get("rope_theta", self.cfg.get("rope_theta", 10000.0)))
+        if kind == "default":
+            return Rope(theta)
+        if kind == "linear":
+            return Rope(theta, "linear", self.number("factor", 1.0, rope.get("factor")))
+        if kind == "llama3":
+            original = rope.get("original_max_position_embeddings")
+            if isinstance(original, bool) or not isinstance(original, int) or not 0 < original <= max_positions:
+                raise self.refuse(f"llama3 RoPE's original_max_position_embeddings is {brief(original)}")
+            return Rope(theta, "llama3", self.number("factor", 1.0, rope.get("factor")),
+                        self.number("low_freq_factor", 1.0, rope.get("low_freq_factor")),
+                        self.number("high_freq_factor", 4.0, rope.get("high_freq_factor")), original)
+        raise self.refuse(f"RoPE scaling {brief(kind)} is not supported yet",
+                          "use a model with default, linear or llama3 RoPE")
+
+    def common(self, architecture: str) -> dict:
+        """The fields every decoder family has, checked."""
+        for flag in ("attention_bias", "mlp_bias"):
+            if self.flag(flag, False):
+                raise self.refuse(f"'{flag}': true is not supported yet", "use a model without biases")
+        if self.cfg.get("hidden_act", "silu") != "silu":
+            raise self.refuse(f"hidden_act {brief(self.cfg['hidden_act'])} is not supported", "use a silu model")
+        heads = self.integer("num_attention_heads", MAX_HEADS)
+        hidden = self.integer("hidden_size", MAX_HIDDEN_SIZE)
+        kv_heads = self.integer("num_key_value_heads", MAX_HEADS, default=heads)
+        if heads % kv_heads:
+            raise self.refuse(f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+        head_dim = self.integer("head_dim", MAX_HEAD_DIM, default=hidden // heads)
+        if head_dim % 2:
+            raise self.refuse(f"'head_dim' is {head_dim}, not even (RoPE rotates pairs of dimensions)")
+        vocab = self.integer("vocab_size", MAX_VOCAB_SIZE)
+        eos = self.cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in eos_ids):
+            raise self.refuse(f"'eos_token_id' is {brief(eos)}, not a token id or a list of them in [0, {vocab})")
+        dtype_name = self.cfg.get("dtype") or self.cfg.get("torch_dtype")
+        max_positions = self.integer("max_position_embeddings", MAX_POSITIONS, default=DEFAULT_MAX_POSITIONS)
+        return dict(
+            path=self.path,
+            architecture=architecture,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=self.integer("intermediate_size", MAX_INTERMEDIATE_SIZE),
+            num_hidden_layers=self.integer("num_hidden_layers", MAX_LAYERS),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=max_positions,
+            rms_norm_eps=self.number("rms_norm_eps", 1e-6),
+            rope=self.rope(max_positions),
+            tie_word_embeddings=self.flag("tie_word_embeddings", False),
+            dtype=DTYPE_ALIASES.get(dtype_name) if isinstance(dtype_name, str) else None,
+            eos_token_ids=eos_ids,
+            fingerprint=hashlib.sha256(self.raw).hexdigest(),
         )
-    head_dim = need("head_dim", MAX_HEAD_DIM, default=hidden // heads)
-    if head_dim % 2:
-        raise ShardstateError(f"'head_dim' is {head_dim}, not even (RoPE rotates pairs of dimensions)", path,
-                              "repair config.json")
-    vocab = need("vocab_size", MAX_VOCAB_SIZE)
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in eos_ids):
-        raise ShardstateError(f"'eos_token_id' is {brief(eos)}, not a token id or a list of them in [0, {vocab})",
-                              path, "repair config.json")
-    tie = cfg.get("tie_word_embeddings", False)
-    if not isinstance(tie, bool):
-        raise ShardstateError(f"'tie_word_embeddings' is {brief(tie)}, not true or false", path, "repair config.json")
-    dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
-    return ModelConfig(
-        path=path,
-        architecture=architecture,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=need("intermediate_size", MAX_INTERMEDIATE_SIZE),
-        num_hidden_layers=need("num_hidden_layers", MAX_LAYERS),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=need("max_position_embeddings", MAX_POSITIONS, default=DEFAULT_MAX_POSITIONS),
-        rms_norm_eps=positive_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=positive_number("rope_theta", rope_theta),
-        tie_word_embeddings=tie,
-        dtype=DTYPE_ALIASES.get(dtype_name) if isinstance(dtype_name, str) else None,
-        eos_token_ids=eos_ids,
-        fingerprint=hashlib.sha256(raw).hexdigest(),
-    )

@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
 from shardstate.format.manifest import new_state_id
 from shardstate.format.sharded_state import is_sharded_state
 from shardstate.io.reader import ReadAccount
-from shardstate.models import build_on_meta
+from shardstate.models import build_on_meta, load_config
 from shardstate.parallel.distributed import TPGroup
 from shardstate.progress import Progress
 from shardstate.sources import CheckpointSource, ShardedSource, TensorSource

@@ -37,7 +37,7 @@ class CheckpointSource:
         self.scratch = Scratch()
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:
-        locations = {part.source: self.checkpoint.tensors[part.source] for part in spec.parts}
+        locations = {source: self.checkpoint.tensors[source] for source in spec.sources()}
         tensors = read_entries(list(locations.values()), self.account, self.scratch)
         return dict(zip(locations, tensors, strict=True))
 
@@ -63,7 +63,7 @@ class ShardedSource:
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:
         saved = self.specs[name]
-        whole = {p.source: torch.empty(p.shape, dtype=self.dtype) for p in saved.parts}
+        whole = {source: torch.empty(shape, dtype=self.dtype) for source, shape in saved.sources().items()}
         local = read_entries([locations[name] for locations in self.locations], self.account, self.scratch)
         for rank, tensor in enumerate(local):
             saved.put(rank, tensor, whole)

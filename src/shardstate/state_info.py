@@ -7,14 +7,13 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shardstate.config import load_config
 from shardstate.errors import ShardstateError
-from shardstate.format.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
+from shardstate.format.manifest import FORMAT_NAME, Manifest
 from shardstate.format.safetensors_header import read_header
 from shardstate.format.sharded_state import check_inside, check_rank_file, check_specs, open_sharded_state
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.files import open_regular
-from shardstate.models import build_on_meta
+from shardstate.models import build_on_meta, load_config
 from shardstate.parallel.distributed import TPGroup
 
 CHUNK = 16 << 20
@@ -32,7 +31,7 @@ def inspect_state(root: Path) -> dict:
             "bytes": sum(manifest.files[n]["size"] for n in names),
         })
     return {
-        "format": f"{FORMAT_NAME} v{FORMAT_VERSION}",
+        "format": f"{FORMAT_NAME} v{manifest.version}",
         "tp_size": manifest.tp_size,
         "pp_size": manifest.pp_size,
         "architecture": manifest.architecture,

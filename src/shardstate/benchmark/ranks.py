@@ -34,9 +34,8 @@ def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, mo
     import torch
     from safetensors.torch import load_file
 
-    from shardstate.config import load_config
     from shardstate.dtypes import resolve_dtype
-    from shardstate.models import build_on_meta
+    from shardstate.models import build_on_meta, load_config
     from shardstate.parallel.distributed import TPGroup
     from shardstate.parallel.layers import materialize
 

@@ -26,7 +26,8 @@ from shardstate.spec import ShardSpec, spec_from_json
 
 MANIFEST_NAME = "shardstate.json"
 FORMAT_NAME = "shardstate"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 1 is still read (specs joined on dim 0, no regions or experts)
+READ_VERSIONS = (1, 2)
 PP1_PATTERN = "model-rank-{rank}-part-{part}.safetensors"  # vLLM's, so vLLM can load the files
 CHECKSUM = "crc32"
 CONSTANT_SPEC = {"kind": "constant", "value": 1.0}  # vLLM's F32 scale scalars
@@ -62,12 +63,13 @@ class Manifest:
     pp_size: int = 1
     pattern: str = PP1_PATTERN
     quantization: str | None = None
+    version: int = FORMAT_VERSION  # as read (a state written by an older shardstate keeps its version)
     # rank -> name -> the parameter's spec, as parsed when the manifest was read (not written: `tensors` holds it)
     specs: dict[str, dict[str, ShardSpec]] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": CHECKSUM, "state_id": self.state_id,
+            "format": FORMAT_NAME, "version": self.version, "checksum": CHECKSUM, "state_id": self.state_id,
             "tp_size": self.tp_size, "pp_size": self.pp_size, "pattern": self.pattern,
             "architecture": self.architecture, "config_sha256": self.config_sha256, "dtype": self.dtype,
             "quantization": self.quantization, "source": self.source, "side_files": self.side_files,
@@ -137,11 +139,6 @@ def is_plain_name(name: object) -> bool:
     except UnicodeEncodeError:  # lone surrogates
         return False
     return size <= 255 and is_printable(name)
-
-
-def global_shape(spec: ShardSpec) -> list[int]:
-    """The checkpoint shape a parameter's parts add up to (recorded for people and tools)."""
-    return [sum(p.shape[0] for p in spec.parts), *spec.parts[0].shape[1:]]
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -220,9 +217,11 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
     r = _Reader(path)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise ShardstateError("not a shardstate manifest (no \"format\": \"shardstate\")", path, TODO)
-    if doc.get("version") != FORMAT_VERSION:
-        raise ShardstateError(f"manifest version {brief(doc.get('version'))}, this shardstate reads version "
-                              f"{FORMAT_VERSION}", path, "convert again with this shardstate, or upgrade it")
+    version = doc.get("version")
+    if type(version) is not int or version not in READ_VERSIONS:
+        raise ShardstateError(f"manifest version {brief(version)}, this shardstate reads versions "
+                              f"{', '.join(map(str, READ_VERSIONS))}", path,
+                              "convert again with this shardstate, or upgrade it")
     missing, extra = [k for k in FIELDS if k not in doc], sorted(set(doc) - set(FIELDS))
     if missing:
         raise ShardstateError(f"manifest lacks field '{missing[0]}' (written by an older shardstate?)", path, TODO)
@@ -254,6 +253,7 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
         files=_files(r, doc["files"], tp_size, pattern),
         tensors={},
         pattern=pattern,
+        version=version,
     )
     manifest.tensors = _tensors(r, doc["tensors"], manifest)
     return manifest
@@ -335,12 +335,12 @@ def _checked_spec(r: _Reader, field: str, record: dict, shape: list[int], manife
             raise r.fail(field, "is a constant but not an F32 scalar")
         return None
     try:
-        spec = spec_from_json(record["spec"], f"{field}.spec")
+        spec = spec_from_json(record["spec"], f"{field}.spec", manifest.version)
     except ValueError as exc:
         raise ShardstateError(f"manifest field {exc}", r.path, TODO) from None
     if spec.tp_size != manifest.tp_size:
         raise r.fail(f"{field}.spec.tp_size", f"is {spec.tp_size}, the state's tp_size is {manifest.tp_size}")
-    if list(spec.local_shape()) != shape or global_shape(spec) != record["global_shape"]:
+    if list(spec.local_shape()) != shape or list(spec.global_shape()) != record["global_shape"]:
         raise r.fail(field, f"has shape {brief(shape)}, its spec gives {list(spec.local_shape())}")
     if record["dtype"] != manifest.dtype:
         raise r.fail(f"{field}.dtype", f"is {record['dtype']}, the state's dtype is {manifest.dtype}")

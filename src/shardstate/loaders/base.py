@@ -58,14 +58,14 @@ class LoadTarget:
         return next(iter(self.specs.values())).tp_size
 
     def zero_padding_and_plan(self) -> list[tuple[torch.Tensor, Copy]]:
-        """Zero every parameter with rows no copy fills (vocab padding); return every (destination rows,
-        copy) pair, which together fill all other rows."""
+        """Zero every parameter with elements no copy fills (vocab padding); return every (destination
+        view, copy) pair, which together fill all other elements."""
         result = []
         for name, spec in self.specs.items():
             param = self.params[name]
-            if not spec.covers_all_rows(self.rank):
+            if not spec.covers_all(self.rank):
                 param.zero_()
-            result.extend((param.narrow(0, c.dst_row, c.rows), c) for c in spec.copies(self.rank))
+            result.extend((c.dest(param), c) for c in spec.copies(self.rank))
         return result
 
 
@@ -75,7 +75,7 @@ def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAcco
     checkpoint = open_checkpoint(model_dir)
     for header in checkpoint.headers:
         account.note_header(header.path, header.data_start)
-    needed = {p.source: p.shape for s in specs.values() for p in s.parts}
+    needed = {source: shape for s in specs.values() for source, shape in s.sources().items()}
     for source, shape in needed.items():
         location = checkpoint.tensors.get(source)
         if location is None:

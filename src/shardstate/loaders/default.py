@@ -7,6 +7,7 @@ from pathlib import Path
 
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget, open_checked
+from shardstate.spec import cut
 
 
 def load_default(target: LoadTarget, model_dir: Path) -> ReadAccount:
@@ -19,5 +20,5 @@ def load_default(target: LoadTarget, model_dir: Path) -> ReadAccount:
             for name, entry in header.tensors.items():
                 whole = account.read_tensor(header.path, entry.begin, entry.dtype, entry.shape)
                 for dest, copy in by_source.get(name, []):
-                    dest.copy_(whole.narrow(copy.dim, copy.start, copy.stop - copy.start))
+                    dest.copy_(cut(whole, copy.src))
     return account

@@ -15,16 +15,15 @@ def load_sliced(target: LoadTarget, model_dir: Path) -> ReadAccount:
     with ReadAccount() as account:
         checkpoint = open_checked(target.specs, model_dir, account)
         plan = [(checkpoint.tensors[copy.source], dest, copy) for dest, copy in target.zero_padding_and_plan()]
-        plan.sort(key=lambda item: (str(item[0].file), item[0].entry.begin + item[2].start))
+        plan.sort(key=lambda item: (str(item[0].file), item[0].entry.begin, item[2].src))
         for location, dest, copy in plan:
             entry = location.entry
-            shape = list(entry.shape)
-            shape[copy.dim] = copy.stop - copy.start
-            # Same dtype: read straight into the parameter; else read, then cast once.
-            staging = dest if entry.dtype == dest.dtype else torch.empty(shape, dtype=entry.dtype)
+            # Same dtype into contiguous memory: read straight into the parameter; else read, then copy once.
+            direct = entry.dtype == dest.dtype and dest.is_contiguous()
+            staging = dest if direct else torch.empty(dest.shape, dtype=entry.dtype)
             memory = byte_view(staging)
             filled = 0
-            for offset, length in byte_runs(entry.shape, entry.dtype.itemsize, copy.dim, copy.start, copy.stop):
+            for offset, length in byte_runs(entry.shape, entry.dtype.itemsize, copy.src):
                 account.read_into(location.file, entry.begin + offset, memory[filled : filled + length])
                 filled += length
             if staging is not dest:

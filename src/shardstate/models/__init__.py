@@ -1,33 +1,53 @@
-"""TP model definitions. A model built on the meta device is the single source of truth for parameter
-names, rank-local shapes and ShardSpecs."""
+"""TP model families, one file each, registered by their Hugging Face architecture name. A model built on
+the meta device is the single source of truth for parameter names, rank-local shapes and ShardSpecs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from shardstate import memory
-from shardstate.config import ModelConfig
-from shardstate.errors import ShardstateError
+from shardstate.config import ConfigReader, ModelConfig, architecture_of, read_config_json
+from shardstate.errors import ShardstateError, brief
+from shardstate.models.decoder import DecoderForCausalLM
 from shardstate.models.llama import LlamaForCausalLM
+from shardstate.models.mistral import MistralForCausalLM
+from shardstate.models.phi3 import Phi3ForCausalLM
+from shardstate.models.qwen2 import Qwen2ForCausalLM
+from shardstate.models.qwen3 import Qwen3ForCausalLM
 from shardstate.parallel.distributed import TPGroup
 
-ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM}
+FAMILIES: dict[str, type[DecoderForCausalLM]] = {
+    family.__name__: family for family in (
+        LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM,
+    )
+}
 
 
-def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> LlamaForCausalLM:
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read MODEL/config.json with its family's parser; refuse what that family cannot run, with the reason."""
+    cfg, raw, path = read_config_json(model_dir)
+    architecture = architecture_of(cfg)
+    if architecture not in FAMILIES:
+        raise ShardstateError(f"unsupported architecture {brief(architecture)}", path,
+                              f"shardstate supports {', '.join(FAMILIES)}")
+    return FAMILIES[architecture].parse_config(ConfigReader(cfg, raw, path))
+
+
+def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> DecoderForCausalLM:
     """The rank's model with shapes and specs but no storage (nothing allocated, nothing initialised)."""
     config.check_tp_size(group.size)
     with torch.device("meta"):
-        return ARCHITECTURES[config.architecture](config, group, dtype)
+        return FAMILIES[config.architecture](config, group, dtype)
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def check_parameters_fit(model: LlamaForCausalLM, ranks_here: int) -> None:
+def check_parameters_fit(model: DecoderForCausalLM, ranks_here: int) -> None:
     """Refuse, before any worker materialises parameters, a model (built on meta: its shapes are free)
     whose parameters for the `ranks_here` ranks on this host exceed its physical memory. CPU runs only
     (with CUDA the GPUs hold them)."""

@@ -1,5 +1,6 @@
-"""Tensor-parallel layers. Each holds its weight as a rank-local parameter described by a ShardSpec;
-built on the meta device, they get storage from `materialize` and values from a loader."""
+"""Tensor-parallel layers. Each parameter is rank-local and carries the ShardSpec that fills it
+(`param.spec`, as vLLM keeps loader attributes on parameters); built on the meta device, parameters get
+storage from `materialize` and values from a loader."""
 
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ from shardstate.parallel.distributed import TPGroup
 from shardstate.spec import ShardSpec
 
 
-class ShardedWeight(nn.Module):
-    """Base for layers with one weight described by `spec`."""
+def sharded_parameter(spec: ShardSpec, dtype: torch.dtype) -> nn.Parameter:
+    """A rank-local parameter shaped by `spec`, which it carries as `.spec`."""
+    param = nn.Parameter(torch.empty(spec.local_shape(), dtype=dtype), requires_grad=False)
+    param.spec = spec
+    return param
 
-    def __init__(self, spec: ShardSpec, dtype: torch.dtype):
+
+def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
+    """Parameter name -> spec, one entry per distinct parameter (a tied one under its first name)."""
+    return {name: param.spec for name, param in model.named_parameters()}
+
+
+class ShardedWeight(nn.Module):
+    """Base for layers with a weight (and optionally a bias) described by specs."""
+
+    def __init__(self, spec: ShardSpec, dtype: torch.dtype, bias: ShardSpec | None = None):
         super().__init__()
-        self.spec = spec
-        self.weight = nn.Parameter(torch.empty(spec.local_shape(), dtype=dtype), requires_grad=False)
+        self.weight = sharded_parameter(spec, dtype)
+        self.bias = None if bias is None else sharded_parameter(bias, dtype)
 
 
 class RMSNorm(ShardedWeight):
@@ -36,18 +49,21 @@ class ColumnParallelLinear(ShardedWeight):
     """Output features split across ranks (also the fused qkv and gate_up projections); no communication."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(ShardedWeight):
-    """Input features split across ranks; partial products summed with all-reduce."""
+    """Input features split across ranks; partial products summed with all-reduce (or left to the caller
+    with `reduce` False, when it sums several partial results at once)."""
 
-    def __init__(self, spec: ShardSpec, dtype: torch.dtype, group: TPGroup):
+    def __init__(self, spec: ShardSpec, dtype: torch.dtype, group: TPGroup, reduce: bool = True):
         super().__init__(spec, dtype)
         self.group = group
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight)
+        return self.group.all_reduce(partial) if self.reduce else partial
 
 
 class VocabParallelEmbedding(ShardedWeight):
@@ -56,7 +72,7 @@ class VocabParallelEmbedding(ShardedWeight):
     def __init__(self, spec: ShardSpec, dtype: torch.dtype, group: TPGroup):
         super().__init__(spec, dtype)
         self.group = group
-        self.rows = spec.local_shape()[0]
+        self.rows = self.weight.shape[0]
         self.first = group.rank * self.rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -93,4 +109,5 @@ def materialize(model: nn.Module, device: torch.device) -> None:
                 fresh[id(param)] = nn.Parameter(
                     torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False
                 )
+                fresh[id(param)].spec = param.spec
             module._parameters[name] = fresh[id(param)]

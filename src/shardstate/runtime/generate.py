@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardstate.models.llama import KVCache, LlamaForCausalLM
+from shardstate.models.decoder import DecoderForCausalLM, KVCache
 
 
 @dataclass
@@ -15,13 +15,17 @@ class Generation:
     first_logits: torch.Tensor  # [batch, vocab] fp32: the logits after the prompt (the first step)
 
 
-def _attention_mask(valid: torch.Tensor, cache_pos: int, steps: int) -> torch.Tensor:
-    """[batch, 1, steps, cache_pos + steps] bool: causal, no attention to padding keys. A padding query
-    may see itself so that no row is all-False (its output is never used)."""
+def _attention_mask(valid: torch.Tensor, cache_pos: int, steps: int, window: int | None) -> torch.Tensor:
+    """[batch, 1, steps, cache_pos + steps] bool: causal, within the last `window` positions (sliding-window
+    attention; None: all), no attention to padding keys. A padding query may see itself so that no row is
+    all-False (its output is never used). Prompts are left-padded, so cache slots are positions plus a
+    per-row constant and windows measured in slots are windows in positions."""
     total = cache_pos + steps
     query_pos = torch.arange(cache_pos, total, device=valid.device).unsqueeze(-1)
     key_pos = torch.arange(total, device=valid.device)
     causal = key_pos <= query_pos
+    if window is not None:
+        causal &= key_pos > query_pos - window
     mask = causal.unsqueeze(0) & valid[:, None, :total]
     mask |= (key_pos == query_pos).unsqueeze(0)
     return mask.unsqueeze(1)
@@ -29,13 +33,14 @@ def _attention_mask(valid: torch.Tensor, cache_pos: int, steps: int) -> torch.Te
 
 @torch.inference_mode()
 def greedy_generate(
-    model: LlamaForCausalLM,
+    model: DecoderForCausalLM,
     prompts: list[list[int]],
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...] = (),
 ) -> Generation:
     """Argmax decoding. A sequence stops after emitting an id in `eos_token_ids` (kept in its output)."""
     device = model.lm_head.weight.device
+    window = model.config.sliding_window
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
@@ -51,7 +56,7 @@ def greedy_generate(
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     cache_pos, first_logits = 0, None
     for _ in range(max_new_tokens):
-        logits = model(ids, positions, _attention_mask(valid, cache_pos, ids.shape[1]), cache, cache_pos)
+        logits = model(ids, positions, _attention_mask(valid, cache_pos, ids.shape[1], window), cache, cache_pos)
         if first_logits is None:
             first_logits = logits.float().cpu()
         cache_pos += ids.shape[1]
@@ -65,5 +70,5 @@ def greedy_generate(
         ids = next_ids.unsqueeze(-1)
         positions = positions[:, -1:] + 1
     if first_logits is None:  # max_new_tokens == 0: still report the prompt's logits
-        first_logits = model(ids, positions, _attention_mask(valid, 0, longest), cache, 0).float().cpu()
+        first_logits = model(ids, positions, _attention_mask(valid, 0, longest, window), cache, 0).float().cpu()
     return Generation(outputs, first_logits)

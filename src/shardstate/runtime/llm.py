@@ -15,7 +15,6 @@ from typing import Any, NoReturn
 
 import torch
 
-from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
@@ -23,7 +22,7 @@ from shardstate.format.manifest import PP1_PATTERN, check_pattern, new_state_id
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
-from shardstate.models import build_on_meta, check_generation_fits, check_parameters_fit
+from shardstate.models import build_on_meta, check_generation_fits, check_parameters_fit, load_config
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
 from shardstate.runtime.lifeline import lifeline, sigint_ignored
 from shardstate.runtime.prompts import Output, PromptCodec

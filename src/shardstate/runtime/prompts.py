@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from shardstate.config import ModelConfig, load_config
+from shardstate.config import ModelConfig
 from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
-from shardstate.models import check_generation_fits
+from shardstate.models import check_generation_fits, load_config
 from shardstate.runtime.generate import Generation
 from shardstate.tokenizer import Tokenizer
 

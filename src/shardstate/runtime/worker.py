@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardstate.config import load_config
 from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.loaders import IOOptions, load_weights
-from shardstate.models import build_on_meta
+from shardstate.models import build_on_meta, load_config
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, device_for, init_group
 from shardstate.parallel.layers import materialize
 from shardstate.runtime.generate import Generation, greedy_generate

@@ -18,7 +18,6 @@ from shardstate.format.manifest import (
     PP1_PATTERN,
     Manifest,
     check_pattern,
-    global_shape,
     is_plain_name,
     rank_file_metadata,
     write_manifest,
@@ -79,7 +78,7 @@ class StatePlan:
                     "file": self.pattern.format(rank=rank, part=part),
                     "dtype": DTYPE_NAMES[t.dtype],
                     "shape": list(t.shape),
-                    "global_shape": global_shape(spec) if spec else [],
+                    "global_shape": list(spec.global_shape()) if spec else [],
                     "spec": spec_to_json(spec) if spec else CONSTANT_SPEC,
                     "xxh3_64": digests[t.name],
                 }

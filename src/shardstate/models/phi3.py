@@ -1,0 +1,17 @@
+"""Phi-3: the checkpoint holds q, k, v fused as `qkv_proj` and gate, up as `gate_up_proj`; each rank's
+parameters are cut from regions of those (vLLM's rank-local layout is Llama's). Sliding-window attention
+when config.json sets one."""
+
+from __future__ import annotations
+
+from shardstate.config import ConfigReader, ModelConfig
+from shardstate.models.decoder import DecoderForCausalLM
+
+
+class Phi3ForCausalLM(DecoderForCausalLM):
+    fused_checkpoint = True
+
+    @staticmethod
+    def parse_config(reader: ConfigReader) -> ModelConfig:
+        reader.unsupported("partial_rotary_factor", 1.0, "partial rotary embeddings")
+        return ModelConfig(**reader.common("Phi3ForCausalLM"), sliding_window=reader.sliding_window())

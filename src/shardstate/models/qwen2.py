@@ -1,0 +1,18 @@
+"""Qwen2 / Qwen2.5: Llama's layout with biases on q, k and v (fused into qkv_proj.bias as the weights are)."""
+
+from __future__ import annotations
+
+from shardstate.config import ConfigReader, ModelConfig
+from shardstate.models.decoder import DecoderForCausalLM
+
+
+def no_sliding_window(reader: ConfigReader) -> None:
+    """Qwen models ship with use_sliding_window false; per-layer windows (max_window_layers) are not built."""
+    reader.unsupported("use_sliding_window", False, "use_sliding_window")
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    @staticmethod
+    def parse_config(reader: ConfigReader) -> ModelConfig:
+        no_sliding_window(reader)
+        return ModelConfig(**reader.common("Qwen2ForCausalLM"), qkv_bias=True)

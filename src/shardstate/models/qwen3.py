@@ -1,0 +1,14 @@
+"""Qwen3: Llama's layout with an RMSNorm of each head's q and k (q_norm, k_norm) before RoPE."""
+
+from __future__ import annotations
+
+from shardstate.config import ConfigReader, ModelConfig
+from shardstate.models.decoder import DecoderForCausalLM
+from shardstate.models.qwen2 import no_sliding_window
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    @staticmethod
+    def parse_config(reader: ConfigReader) -> ModelConfig:
+        no_sliding_window(reader)
+        return ModelConfig(**reader.common("Qwen3ForCausalLM"), qk_norm=True)
