@@ -29,6 +29,7 @@ MAX_VOCAB_SIZE = 1 << 24
 MAX_HEADS = 4096  # attention and key/value heads
 MAX_HEAD_DIM = 4096
 MAX_POSITIONS = 1 << 24
+MAX_EXPERTS = 4096
 DEFAULT_MAX_POSITIONS = 2048  # transformers' LlamaConfig default when config.json has none
 
 
@@ -252,3 +253,20 @@ class ConfigReader:
             eos_token_ids=eos_ids,
             fingerprint=hashlib.sha256(self.raw).hexdigest(),
         )
+
+    def moe(self, experts_key: str, intermediate_key: str, top_k_default: int | None = None,
+            norm_default: bool = False, shared_key: str | None = None) -> MoE:
+        """A mixture-of-experts config; layers listed in mlp_only_layers, or off the decoder_sparse_step
+        rhythm, keep a plain MLP (transformers' Qwen MoE rule)."""
+        experts = self.integer(experts_key, MAX_EXPERTS)
+        top_k = self.integer("num_experts_per_tok", experts, default=top_k_default)
+        layers = self.integer("num_hidden_layers", MAX_LAYERS)
+        step = self.integer("decoder_sparse_step", layers, default=1)
+        only_mlp = self.cfg.get("mlp_only_layers") or []
+        if not isinstance(only_mlp, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < layers for n in only_mlp):
+            raise self.refuse(f"'mlp_only_layers' is {brief(only_mlp)}, not a list of layer indices")
+        dense = frozenset(n for n in range(layers) if n in only_mlp or (n + 1) % step)
+        return MoE(experts, top_k, self.integer(intermediate_key, MAX_INTERMEDIATE_SIZE),
+                   self.flag("norm_topk_prob", norm_default),
+                   self.integer(shared_key, MAX_INTERMEDIATE_SIZE, least=0, default=0) if shared_key else 0, dense)

@@ -1,5 +1,5 @@
-"""Random-weight Hugging Face Llama checkpoints made with transformers, from a seed (tests, demo, bench).
-Needs the `hf` extra (transformers, tokenizers)."""
+"""Random-weight Hugging Face checkpoints of every family, made with transformers from a seed (tests,
+bench). Needs the `hf` extra (transformers, tokenizers)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,16 @@ that learned to count: one, two, three, four, five, six, seven, eight, nine, ten
 """
 
 
-def make_llama_checkpoint(
+MODEL_TYPES = {  # HF architecture -> transformers model_type
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe", "Phi3ForCausalLM": "phi3",
+}
+
+
+def make_checkpoint(
     out_dir: str | Path,
+    architecture: str = "LlamaForCausalLM",
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -26,10 +34,10 @@ def make_llama_checkpoint(
     max_shard_size: str | int | None = None,
     **config: Any,
 ) -> Path:
-    """Save a LlamaForCausalLM with random weights (normal(0, initializer_range), fixed seed) to `out_dir`.
-    `config` overrides LlamaConfig fields; `max_shard_size` splits the weights into several files with an
-    index, as the hub's big checkpoints are."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Save a model of `architecture` with random weights (normal(0, initializer_range), fixed seed) to
+    `out_dir`, as transformers' save_pretrained writes it. `config` overrides the config's fields;
+    `max_shard_size` splits the weights into several files with an index, as the hub's big checkpoints are."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     defaults: dict[str, Any] = {
         "vocab_size": 203,
@@ -41,18 +49,26 @@ def make_llama_checkpoint(
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-5,
     }
-    cfg = LlamaConfig(**{**defaults, **config}, initializer_range=initializer_range)
+    cfg = AutoConfig.for_model(MODEL_TYPES[architecture], **{**defaults, **config},
+                               initializer_range=initializer_range)
+    cfg.architectures = [architecture]
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # norms start at 1.0; random ones catch a norm loaded from the wrong place
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # norms start at 1.0 and biases, routers at 0: random ones catch one loaded wrongly
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(("bias", "gate.weight", "shared_expert_gate.weight")):
+                param.copy_(initializer_range * torch.randn_like(param))
     model = model.to(dtype)
     out = Path(out_dir)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **kwargs)
     return out
+
+
+def make_llama_checkpoint(out_dir: str | Path, **kwargs: Any) -> Path:
+    return make_checkpoint(out_dir, "LlamaForCausalLM", **kwargs)
 
 
 def train_tokenizer(out_dir: str | Path, vocab_size: int, corpus: str = TOKENIZER_CORPUS) -> int:

@@ -14,14 +14,18 @@ from shardstate.errors import ShardstateError, brief
 from shardstate.models.decoder import DecoderForCausalLM
 from shardstate.models.llama import LlamaForCausalLM
 from shardstate.models.mistral import MistralForCausalLM
+from shardstate.models.mixtral import MixtralForCausalLM
 from shardstate.models.phi3 import Phi3ForCausalLM
 from shardstate.models.qwen2 import Qwen2ForCausalLM
+from shardstate.models.qwen2_moe import Qwen2MoeForCausalLM
 from shardstate.models.qwen3 import Qwen3ForCausalLM
+from shardstate.models.qwen3_moe import Qwen3MoeForCausalLM
 from shardstate.parallel.distributed import TPGroup
 
 FAMILIES: dict[str, type[DecoderForCausalLM]] = {
     family.__name__: family for family in (
         LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM,
+        MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM,
     )
 }
 

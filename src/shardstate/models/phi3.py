@@ -13,5 +13,9 @@ class Phi3ForCausalLM(DecoderForCausalLM):
 
     @staticmethod
     def parse_config(reader: ConfigReader) -> ModelConfig:
-        reader.unsupported("partial_rotary_factor", 1.0, "partial rotary embeddings")
+        rope = reader.cfg.get("rope_parameters") or {}
+        factor = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
+        if reader.cfg.get("partial_rotary_factor", factor) != 1.0 or factor != 1.0:
+            raise reader.refuse(f"partial_rotary_factor {factor} is not supported yet",
+                                "use a model with full rotary embeddings")
         return ModelConfig(**reader.common("Phi3ForCausalLM"), sliding_window=reader.sliding_window())

@@ -52,6 +52,13 @@ class ColumnParallelLinear(ShardedWeight):
         return F.linear(x, self.weight, self.bias)
 
 
+class ReplicatedLinear(ShardedWeight):
+    """The whole weight on every rank (MoE routers, Qwen2-MoE's shared-expert gate)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class RowParallelLinear(ShardedWeight):
     """Input features split across ranks; partial products summed with all-reduce (or left to the caller
     with `reduce` False, when it sums several partial results at once)."""
