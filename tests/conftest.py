@@ -39,11 +39,11 @@ def sharded_bf16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def transformers_greedy(model_dir: Path, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Reference: transformers' LlamaForCausalLM in fp32, full recompute each step (no cache).
-    Returns the new tokens per prompt and the logits after each prompt."""
-    from transformers import LlamaForCausalLM
+    """Reference: transformers' own model of the checkpoint's family in fp32, full recompute each step (no
+    cache). Returns the new tokens per prompt and the logits after each prompt."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokens, first = [], []
     with torch.no_grad():
         for prompt in prompts:
