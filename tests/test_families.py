@@ -86,11 +86,9 @@ def test_family_at_tp2_every_loader_and_save(family_dir, tmp_path, name):
             assert_states_equal(state, reference)
 
 
-@pytest.mark.parametrize("tp", [1, pytest.param(4, marks=pytest.mark.slow)], ids=lambda tp: f"tp{tp}")
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name,tp", [(name, 1) for name in FAMILIES] + [
+    pytest.param(name, 4, marks=pytest.mark.slow) for name in MOE_FAMILIES])
 def test_family_matches_transformers(family_dir, tmp_path, name, tp):
-    if tp == 4 and name not in MOE_FAMILIES:
-        pytest.skip("TP=4 for the MoE families")
     src = family_dir(name)
     convert(src, tmp_path / "sharded", tp)
     _, tokens, logits, llm = run(tmp_path / "sharded", tp, "sharded")
