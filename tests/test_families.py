@@ -6,6 +6,8 @@ goes through the specs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,46 @@ def test_family_reshard_equals_direct_convert(family_dir, tmp_path, name):
             assert_same_but_state_id(tmp_path / f"re{target}" / file, tmp_path / f"direct{target}" / file)
         manifest = json.loads((tmp_path / f"re{target}" / "shardstate.json").read_text())
         assert manifest["architecture"] == FAMILIES[name][0]
+
+
+def write_config(directory: Path, architecture: str, **fields) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    base = {"architectures": [architecture], "vocab_size": 64, "hidden_size": 64, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (directory / "config.json").write_text(json.dumps({**base, **fields}))
+    return directory
+
+
+def test_family_defaults_follow_transformers(tmp_path):
+    from shardstate.models import load_config
+
+    assert load_config(write_config(tmp_path / "q3", "Qwen3ForCausalLM")).head_dim == 128
+    assert load_config(write_config(tmp_path / "q2", "Qwen2ForCausalLM")).head_dim == 16
+    assert load_config(write_config(tmp_path / "mx", "MixtralForCausalLM", num_local_experts=4,
+                                    num_experts_per_tok=2)).rope.theta == 1e6
+    moe = load_config(write_config(tmp_path / "q2m", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                                   moe_intermediate_size=32, decoder_sparse_step=2, num_hidden_layers=4,
+                                   mlp_only_layers=[3])).moe
+    assert moe.dense_layers == {0, 2, 3} and moe.shared_intermediate_size == 0
+
+
+@pytest.mark.parametrize("architecture,fields,expected", [
+    ("Phi3ForCausalLM", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+     "RoPE scaling 'longrope' is not supported yet"),
+    ("LlamaForCausalLM", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn' is not supported"),
+    ("Phi3ForCausalLM", {"rope_parameters": {"partial_rotary_factor": 0.5}}, "partial_rotary_factor 0.5"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True}, "'use_sliding_window': true is not supported yet"),
+    ("Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 5, "moe_intermediate_size": 8},
+     "'num_experts_per_tok' is 5, above"),
+    ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+                             "mlp_only_layers": [7]},
+     "'mlp_only_layers' is [7], not a list of layer indices"),
+    ("MistralForCausalLM", {"sliding_window": -1}, "'sliding_window' is -1"),
+    ("GPT2LMHeadModel", {}, "unsupported architecture 'GPT2LMHeadModel'"),
+])
+def test_family_configs_it_cannot_run_are_refused_in_one_line(tmp_path, architecture, fields, expected):
+    directory = write_config(tmp_path / "m", architecture, **fields)
+    result = subprocess.run([sys.executable, "-m", "shardstate.command", "convert", str(directory),
+                             str(tmp_path / "out"), "--tp", "1"], capture_output=True, text=True, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -185,7 +185,8 @@ class ConfigReader:
         """Refuse a key whose value asks for something this family's model does not implement."""
         value = self.cfg.get(key, default)
         if value != default:
-            raise self.refuse(f"'{key}': {brief(value)} is not supported yet", f"use a model without {what}")
+            raise self.refuse(f"'{key}': {brief(json.dumps(value))[1:-1]} is not supported yet",
+                              f"use a model without {what}")
 
     def sliding_window(self, enabled: bool = True) -> int | None:
         """The attention window (keys within the last `sliding_window` positions), or None."""
@@ -193,12 +194,13 @@ class ConfigReader:
             return None
         return self.integer("sliding_window", MAX_POSITIONS)
 
-    def rope(self, max_positions: int) -> Rope:
+    def rope(self, max_positions: int, theta_default: float = 10000.0) -> Rope:
         rope = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise self.refuse(f"'rope_scaling' is {brief(rope)}, not an object")
         kind = rope.get("rope_type", rope.get("type", "default"))
-        theta = self.number("rope_theta", 10000.0, rope.get("rope_theta", self.cfg.get("rope_theta", 10000.0)))
+        theta = self.number("rope_theta", theta_default,
+                            rope.get("rope_theta", self.cfg.get("rope_theta", theta_default)))
         if kind == "default":
             return Rope(theta)
         if kind == "linear":
@@ -213,8 +215,9 @@ class ConfigReader:
         raise self.refuse(f"RoPE scaling {brief(kind)} is not supported yet",
                           "use a model with default, linear or llama3 RoPE")
 
-    def common(self, architecture: str) -> dict:
-        """The fields every decoder family has, checked."""
+    def common(self, architecture: str, head_dim: int | None = None, rope_theta: float = 10000.0) -> dict:
+        """The fields every decoder family has, checked; `head_dim` and `rope_theta` are the family's defaults
+        when config.json has none (None: hidden_size / num_attention_heads)."""
         for flag in ("attention_bias", "mlp_bias"):
             if self.flag(flag, False):
                 raise self.refuse(f"'{flag}': true is not supported yet", "use a model without biases")
@@ -225,7 +228,7 @@ class ConfigReader:
         kv_heads = self.integer("num_key_value_heads", MAX_HEADS, default=heads)
         if heads % kv_heads:
             raise self.refuse(f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
-        head_dim = self.integer("head_dim", MAX_HEAD_DIM, default=hidden // heads)
+        head_dim = self.integer("head_dim", MAX_HEAD_DIM, default=head_dim or hidden // heads)
         if head_dim % 2:
             raise self.refuse(f"'head_dim' is {head_dim}, not even (RoPE rotates pairs of dimensions)")
         vocab = self.integer("vocab_size", MAX_VOCAB_SIZE)
@@ -247,7 +250,7 @@ class ConfigReader:
             head_dim=head_dim,
             max_position_embeddings=max_positions,
             rms_norm_eps=self.number("rms_norm_eps", 1e-6),
-            rope=self.rope(max_positions),
+            rope=self.rope(max_positions, rope_theta),
             tie_word_embeddings=self.flag("tie_word_embeddings", False),
             dtype=DTYPE_ALIASES.get(dtype_name) if isinstance(dtype_name, str) else None,
             eos_token_ids=eos_ids,

@@ -19,7 +19,8 @@ class MixtralForCausalLM(DecoderForCausalLM):
         if not moe.norm_topk_prob or moe.dense_layers:
             raise reader.refuse("a Mixtral config with norm_topk_prob false or dense layers",
                                 "use a Mixtral config as released")
-        return ModelConfig(**reader.common("MixtralForCausalLM"), sliding_window=reader.sliding_window(), moe=moe)
+        common = reader.common("MixtralForCausalLM", rope_theta=1e6)  # the family's default
+        return ModelConfig(**common, sliding_window=reader.sliding_window(), moe=moe)
 
     @classmethod
     def make_mlp(cls, config: ModelConfig, group: TPGroup, dtype: torch.dtype, prefix: str,

@@ -8,7 +8,7 @@ from shardstate.models.decoder import DecoderForCausalLM
 
 def no_sliding_window(reader: ConfigReader) -> None:
     """Qwen models ship with use_sliding_window false; per-layer windows (max_window_layers) are not built."""
-    reader.unsupported("use_sliding_window", False, "use_sliding_window")
+    reader.unsupported("use_sliding_window", False, "per-layer sliding windows")
 
 
 class Qwen2ForCausalLM(DecoderForCausalLM):

@@ -1,4 +1,5 @@
-"""Qwen3: Llama's layout with an RMSNorm of each head's q and k (q_norm, k_norm) before RoPE."""
+"""Qwen3: Llama's layout with an RMSNorm of each head's q and k (q_norm, k_norm) before RoPE; head_dim
+is 128 when config.json does not say (transformers' default for the family)."""
 
 from __future__ import annotations
 
@@ -11,4 +12,4 @@ class Qwen3ForCausalLM(DecoderForCausalLM):
     @staticmethod
     def parse_config(reader: ConfigReader) -> ModelConfig:
         no_sliding_window(reader)
-        return ModelConfig(**reader.common("Qwen3ForCausalLM"), qk_norm=True)
+        return ModelConfig(**reader.common("Qwen3ForCausalLM", head_dim=128), qk_norm=True)

@@ -19,7 +19,7 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
     def parse_config(reader: ConfigReader) -> ModelConfig:
         no_sliding_window(reader)
         moe = reader.moe(experts_key(reader), "moe_intermediate_size")
-        return ModelConfig(**reader.common("Qwen3MoeForCausalLM"), qk_norm=True, moe=moe)
+        return ModelConfig(**reader.common("Qwen3MoeForCausalLM", head_dim=128), qk_norm=True, moe=moe)
 
     @classmethod
     def make_mlp(cls, config: ModelConfig, group: TPGroup, dtype: torch.dtype, prefix: str,
