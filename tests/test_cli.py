@@ -80,7 +80,7 @@ def narrow(name):
     "case,expected",
     [
         ("missing config", "config.json not found"),
-        ("unsupported architecture", "unsupported architecture 'MistralForCausalLM'"),
+        ("unsupported architecture", "unsupported architecture 'GPTNeoXForCausalLM'"),
         ("missing tensor", "tensor 'model.layers.1.mlp.down_proj.weight' is missing"),
         ("shape mismatch", "tensor 'model.layers.0.self_attn.o_proj.weight' has shape [64, 63]"),
         ("tp does not divide heads", "TP size 3 does not divide num_attention_heads=4"),
@@ -92,7 +92,7 @@ def test_bad_input_is_one_error_line(checkpoints, tmp_path, case, expected):
     model_dir, tp = {
         "missing config": lambda: (tmp_path, "2"),
         "unsupported architecture": lambda: (
-            edit_config(src, tmp_path / "m", architectures=["MistralForCausalLM"]), "2"
+            edit_config(src, tmp_path / "m", architectures=["GPTNeoXForCausalLM"]), "2"
         ),
         "missing tensor": lambda: (broken_copy(src, tmp_path / "m", drop("model.layers.1.mlp.down_proj.weight")), "2"),
         "shape mismatch": lambda: (

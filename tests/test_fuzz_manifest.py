@@ -28,6 +28,7 @@ from shardstate.format.manifest import MANIFEST_NAME
 from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import build_on_meta, load_config
 from shardstate.parallel.distributed import TPGroup
+from shardstate.store.model_dir import open_model_dir
 from shardstate.synthetic import make_llama_checkpoint
 
 EXAMPLES = int(os.environ.get("SHARDSTATE_FUZZ_EXAMPLES", "300"))
@@ -84,7 +85,7 @@ def run(world, capsys, text: str | bytes) -> None:
         outcomes[command] = main([command, str(directory), "--json"])
         assert outcomes[command] in (0, 1)
     try:
-        check_before_workers(directory, model["specs"], model["dtype"], verify=True)
+        check_before_workers(open_model_dir(directory), model["specs"], model["dtype"], verify=True)
         outcomes["load"] = 0
     except ShardstateError as exc:
         assert str(exc).count("\n") == 0

@@ -108,9 +108,9 @@ CASES = {
     "rank missing from tensors": (edit_manifest(drop_rank), "manifest field 'tensors' has ranks ['0'], not 0..1"),
     "dtype that disagrees with the files": (
         edit_manifest(lambda d: d.update(dtype="BF16")), ".dtype is F32, the state's dtype is BF16"),
-    "malformed spec": (edit_manifest(lambda d: pad_q(d, 65)), "65 not divisible into 2 chunks"),
+    "malformed spec": (edit_manifest(lambda d: pad_q(d, 65)), "65 (padded from 64) does not cut into 2 chunks"),
     "spec of another layout": (
-        edit_manifest(lambda d: d["tensors"]["0"][QKV]["spec"].update(kind="split")),
+        edit_manifest(lambda d: d["tensors"]["0"][QKV]["spec"]["parts"].reverse()),  # [v; k; q]: same shape
         f"tensor '{QKV}' of rank 0 is recorded with another layout than this model's"),
     "field of the wrong type": (edit_manifest(lambda d: d.update(files=[])), "manifest field 'files' is [], not an"),
     "unknown field": (edit_manifest(lambda d: d.update(extra=1)), "manifest field 'extra' is unknown"),

@@ -11,12 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardstate.dtypes import resolve_dtype
 from shardstate.format.manifest import new_state_id
-from shardstate.format.sharded_state import is_sharded_state
 from shardstate.io.reader import ReadAccount
-from shardstate.models import build_on_meta, load_config
-from shardstate.parallel.distributed import TPGroup
+from shardstate.models import open_model
 from shardstate.progress import Progress
 from shardstate.sources import CheckpointSource, ShardedSource, TensorSource
 from shardstate.store.output import staged_output
@@ -43,15 +40,14 @@ def convert(
     """`show_progress` None: a progress line on stderr when it is a terminal."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
-    config = load_config(src)
+    model = open_model(src, dtype)
+    config, torch_dtype, state = model.config, model.dtype, model.directory.state
     config.check_tp_size(tp_size)
-    torch_dtype = resolve_dtype(dtype, config, src)
-    specs = build_on_meta(config, TPGroup(0, tp_size), torch_dtype).shard_specs()
+    specs = model.specs(tp_size)
     plan = StatePlan.make(specs, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id())
     with staged_output(out, src, force) as tmp, ReadAccount() as account:
         source: TensorSource = (
-            ShardedSource(src, config, account) if is_sharded_state(src)
-            else CheckpointSource(src, specs, account)
+            CheckpointSource(src, specs, account) if state is None else ShardedSource(state, config, account)
         )
         writers = [plan.writer(tmp, rank) for rank in range(tp_size)]
         progress = Progress(f"convert to TP={tp_size}", sum(f.stat().st_size for f in source.files), show_progress)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import open_checkpoint
-from shardstate.format.sharded_state import is_sharded_state, open_sharded_state
 
 if TYPE_CHECKING:
     from shardstate.config import ModelConfig
+    from shardstate.store.model_dir import ModelDir
 
 DTYPE_ALIASES = {
     "float32": torch.float32,
@@ -35,16 +34,16 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ShardstateError(f"unknown dtype '{name}'", None, f"use one of {choices}") from None
 
 
-def resolve_dtype(requested: str | None, config: ModelConfig, model_dir: str | Path) -> torch.dtype:
+def resolve_dtype(requested: str | None, config: ModelConfig, directory: ModelDir) -> torch.dtype:
     """What was asked for; else a sharded state's dtype (manifest, or a vLLM directory's weights); else
     config.json's; else the weights'."""
     if requested and requested != "auto":
         return parse_dtype(requested)
-    if is_sharded_state(Path(model_dir)):  # a sharded state holds exactly one dtype
-        return open_sharded_state(Path(model_dir), allow_legacy=True).dtype
+    if directory.state is not None:  # a sharded state holds exactly one dtype
+        return directory.state.dtype
     if config.dtype is not None:
         return config.dtype
-    for header in open_checkpoint(model_dir).headers:
+    for header in open_checkpoint(directory.path).headers:
         for entry in header.tensors.values():
             if entry.dtype.is_floating_point:
                 return entry.dtype

@@ -11,7 +11,7 @@ import torch
 
 from shardstate.config import ModelConfig
 from shardstate.format.checkpoint import TensorLocation
-from shardstate.format.sharded_state import check_specs, index_rank, open_sharded_state, warn_legacy
+from shardstate.format.sharded_state import ShardedState, check_specs, index_rank, warn_legacy
 from shardstate.io.engine import Scratch, Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked
@@ -46,8 +46,7 @@ class ShardedSource:
     """Each parameter is read from every rank's files of the sharded state and merged with the specs of
     the TP size it was saved at."""
 
-    def __init__(self, root: Path, config: ModelConfig, account: ReadAccount):
-        state = open_sharded_state(root, allow_legacy=True)
+    def __init__(self, state: ShardedState, config: ModelConfig, account: ReadAccount):
         if state.manifest is None:
             warn_legacy(state)
         self.dtype = state.dtype

@@ -13,8 +13,8 @@ from shardstate.format.safetensors_header import read_header
 from shardstate.format.sharded_state import check_inside, check_rank_file, check_specs, open_sharded_state
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.files import open_regular
-from shardstate.models import build_on_meta, load_config
-from shardstate.parallel.distributed import TPGroup
+from shardstate.models import open_model
+from shardstate.store.model_dir import open_model_dir
 
 CHUNK = 16 << 20
 
@@ -88,8 +88,7 @@ def verify_state(root: Path) -> list[FileCheck]:
     TP size), then check every file (its own record, size, header, tensors, checksum) and report each,
     not just the first."""
     state = open_sharded_state(root)
-    config = load_config(root)
-    specs = build_on_meta(config, TPGroup(0, state.tp_size), state.dtype).shard_specs()
-    check_specs(state.manifest, specs, state.manifest_path)
+    model = open_model(open_model_dir(root))
+    check_specs(state.manifest, model.specs(state.tp_size), state.manifest_path)
     return [FileCheck(name, (problem := _check_file(root, name, state.manifest)) is None, problem)
             for name in sorted(state.manifest.files)]

@@ -34,13 +34,11 @@ def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, mo
     import torch
     from safetensors.torch import load_file
 
-    from shardstate.dtypes import resolve_dtype
-    from shardstate.models import build_on_meta, load_config
+    from shardstate.models import open_model
     from shardstate.parallel.distributed import TPGroup
     from shardstate.parallel.layers import materialize
 
-    config = load_config(model_dir)
-    model = build_on_meta(config, TPGroup(rank, tp_size), resolve_dtype(None, config, model_dir))
+    model = open_model(model_dir).build_on_meta(TPGroup(rank, tp_size))
     materialize(model, torch.device("cpu"))
     params = dict(model.named_parameters())
     barrier.wait()

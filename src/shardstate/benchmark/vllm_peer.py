@@ -4,6 +4,12 @@ main module). Prints one JSON object. Run with a Python that has vLLM (see ../sh
     python vllm_peer.py load DIR --tp 2 --load-format sharded_state --dtype bfloat16
     python vllm_peer.py generate DIR --tp 2 --load-format sharded_state --prompt-ids 1,2,3 ...
     python vllm_peer.py save DIR OUT --tp 2
+    python vllm_peer.py generate DIR --tp 2 --prompt-ids 1,2,3 --save OUT   # tokens, then save the state
+    python vllm_peer.py generate DIR --tp 2 --prompt-ids 1,2,3 --dump OUT   # state as loaded, then tokens
+
+`--dump` needs the vllm_dumppre plugin (../shared/peers/vllm-dumppre) on PYTHONPATH: it writes each rank's
+state with vLLM's own saver right after the default loader filled it, before the CPU backend repacks
+linear and MoE weights (what `save` writes on CPU is incomplete; see ../shared/peers/vllm-cpu.md).
 
 It imports nothing from shardstate, so any Python with vLLM can run it by path. vLLM's own log line
 "Loading weights took X seconds" (on stdout/stderr) is its load time.
@@ -40,8 +46,15 @@ def main() -> None:
     parser.add_argument("--prompt-ids", action="append", default=[])
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--save", help="generate: then save the engine's sharded state into this new directory")
+    parser.add_argument("--dump", help="generate: load with the dumppre plugin, which writes the state here")
     args = parser.parse_args()
-    llm = engine(args.model, args.tp, args.load_format, args.dtype)
+    load_format = args.load_format
+    if args.dump:
+        os.environ["DUMP_DIR"] = str(Path(args.dump).resolve())  # the workers inherit it
+        os.environ.setdefault("VLLM_PLUGINS", "vllm_dumppre")
+        load_format = "dumppre"
+    llm = engine(args.model, args.tp, load_format, args.dtype)
     if args.command == "load":  # the engine is up: its log has "Loading weights took X seconds"
         print(json.dumps({"loaded": args.model}))
     elif args.command == "generate":
@@ -50,15 +63,27 @@ def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)
         prompts = [{"prompt_token_ids": [int(t) for t in p.split(",")]} for p in args.prompt_ids]
         outputs = llm.generate(prompts, params)
-        print(json.dumps({"outputs": [list(o.outputs[0].token_ids) for o in outputs]}))
+        result: dict = {"outputs": [list(o.outputs[0].token_ids) for o in outputs]}
+        if args.save:
+            result["files"] = save(llm, args.model, Path(args.save))
+        elif args.dump:
+            result["files"] = copy_non_weights(args.model, Path(args.dump))
+        print(json.dumps(result))
     else:
-        out = Path(args.out)
-        out.mkdir(parents=True)  # vLLM writes into an existing directory
-        llm.llm_engine.engine_core.save_sharded_state(path=str(out))
-        for path in Path(args.model).iterdir():  # vLLM writes only the weights
-            if path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
-                shutil.copy2(path, out / path.name)
-        print(json.dumps({"files": sorted(p.name for p in out.iterdir())}))
+        print(json.dumps({"files": save(llm, args.model, Path(args.out))}))
+
+
+def save(llm, model: str, out: Path) -> list[str]:
+    out.mkdir(parents=True)  # vLLM writes into an existing directory
+    llm.llm_engine.engine_core.save_sharded_state(path=str(out))
+    return copy_non_weights(model, out)
+
+
+def copy_non_weights(model: str, out: Path) -> list[str]:
+    for path in Path(model).iterdir():  # vLLM writes only the weights
+        if path.is_file() and path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
+            shutil.copy2(path, out / path.name)
+    return sorted(p.name for p in out.iterdir())
 
 
 if __name__ == "__main__":

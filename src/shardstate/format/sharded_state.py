@@ -80,13 +80,16 @@ def is_sharded_state(root: Path) -> bool:
     return (root / MANIFEST_NAME).exists() or bool(_legacy_files(root))
 
 
-def open_sharded_state(root: Path, allow_legacy: bool = False) -> ShardedState:
-    """Read the manifest and refuse it if config.json is not the one the files were made for; without a
-    manifest, accept a vLLM-written directory when `allow_legacy` (strict checks, no integrity)."""
+def open_sharded_state(root: Path, allow_legacy: bool = False, config_bytes: bytes | None = None) -> ShardedState:
+    """Read the manifest and refuse it if config.json (`config_bytes`, when already read) is not the one the
+    files were made for; without a manifest, accept a vLLM-written directory when `allow_legacy` (strict
+    checks, no integrity)."""
     if (root / MANIFEST_NAME).exists():
         manifest = read_manifest(root)
-        with failing_as("cannot read config.json", root / "config.json", "restore it from the source"):
-            config = read_regular(root / "config.json")
+        config = config_bytes
+        if config is None:
+            with failing_as("cannot read config.json", root / "config.json", "restore it from the source"):
+                config = read_regular(root / "config.json")
         if hashlib.sha256(config).hexdigest() != manifest.config_sha256:
             raise ShardstateError(
                 "config.json differs from the one the files were made for", root / MANIFEST_NAME,

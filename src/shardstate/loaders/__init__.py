@@ -3,41 +3,40 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from shardstate.errors import ShardstateError
-from shardstate.format.sharded_state import is_sharded_state
 from shardstate.loaders.base import IOOptions, LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
 from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
 from shardstate.memory import peak_rss_bytes
+from shardstate.store.model_dir import ModelDir
 
 LOADERS = {"default": load_default, "sliced": load_sliced, "sharded": load_sharded}
 LOAD_FORMATS = ("auto", *LOADERS)
 
 
-def resolve_load_format(load_format: str, model_dir: str | Path) -> str:
+def resolve_load_format(load_format: str, directory: ModelDir) -> str:
     """`auto`: sharded when MODEL is a sharded state (a manifest, or vLLM's rank files), else default."""
     if load_format == "auto":
-        return "sharded" if is_sharded_state(Path(model_dir)) else "default"
+        return "default" if directory.state is None else "sharded"
     if load_format not in LOADERS:
         raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOAD_FORMATS)}")
     return load_format
 
 
 def load_weights(
-    load_format: str, model: nn.Module, model_dir: str | Path, rank: int, io: IOOptions | None = None
+    load_format: str, model: nn.Module, directory: ModelDir, rank: int, io: IOOptions | None = None
 ) -> LoadReport:
     """Fill `model`'s materialised parameters from `model_dir` with the named strategy and move them to
     `io.device` (a no-op for parameters the sharded loader put there); time both."""
     target = LoadTarget.of(model, rank, io)
-    loader = LOADERS[resolve_load_format(load_format, model_dir)]
+    loader = LOADERS[resolve_load_format(load_format, directory)]
     start = time.perf_counter()
-    account = loader(target, Path(model_dir))
+    account = loader(target, directory)
     device = torch.device(target.io.device)
     if device.type != "cpu":
         model.to(device)

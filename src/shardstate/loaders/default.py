@@ -3,16 +3,15 @@ the baseline the other loaders are measured against)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget, open_checked
 from shardstate.spec import cut
+from shardstate.store.model_dir import ModelDir
 
 
-def load_default(target: LoadTarget, model_dir: Path) -> ReadAccount:
+def load_default(target: LoadTarget, directory: ModelDir) -> ReadAccount:
     with ReadAccount() as account:
-        checkpoint = open_checked(target.specs, model_dir, account)
+        checkpoint = open_checked(target.specs, directory.path, account)
         by_source: dict[str, list] = {}
         for dest, copy in target.zero_padding_and_plan():
             by_source.setdefault(copy.source, []).append((dest, copy))

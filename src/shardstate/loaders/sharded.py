@@ -18,7 +18,6 @@ from shardstate.format.sharded_state import (
     ShardedState,
     check_specs,
     index_rank,
-    open_sharded_state,
     warn_legacy,
 )
 from shardstate.io.digests import Expected, StreamingDigests, digest_mismatch
@@ -26,12 +25,16 @@ from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
 from shardstate.spec import ShardSpec
+from shardstate.store.model_dir import ModelDir
 
 
-def open_for_load(model_dir: Path, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> ShardedState:
-    """The sharded state at `model_dir`, refused unless a model with `specs` running `dtype` can load it:
+def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> ShardedState:
+    """The directory's sharded state, refused unless a model with `specs` running `dtype` can load it:
     same TP size, same dtype, every tensor recorded with the model's own layout."""
-    state = open_sharded_state(model_dir, allow_legacy=True)
+    state, model_dir = directory.state, directory.path
+    if state is None:
+        raise ShardstateError("no shardstate.json (the directory is incomplete or not a sharded state)", model_dir,
+                              "re-run `shardstate convert`")
     running_tp = next(iter(specs.values())).tp_size
     if state.tp_size != running_tp:
         raise ShardstateError(
@@ -52,19 +55,19 @@ def open_for_load(model_dir: Path, specs: dict[str, ShardSpec], dtype: torch.dty
     return state
 
 
-def check_before_workers(model_dir: Path, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> None:
+def check_before_workers(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> None:
     """What the driver checks before it starts any worker: `open_for_load`, and every rank's file headers
     against the manifest and the model (the workers check their own again as they load)."""
-    state = open_for_load(model_dir, specs, dtype, verify)
+    state = open_for_load(directory, specs, dtype, verify)
     needs = {name: (spec.local_shape(), dtype) for name, spec in specs.items()}
     with ReadAccount() as account:
         for rank in range(state.tp_size):
             index_rank(state, rank, needs, account)
 
 
-def load_sharded(target: LoadTarget, model_dir: Path) -> ReadAccount:
+def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
     dtype = next(iter(target.params.values())).dtype
-    state = open_for_load(model_dir, target.specs, dtype, target.io.verify)
+    state = open_for_load(directory, target.specs, dtype, target.io.verify)
     if state.manifest is None and target.rank == 0:
         warn_legacy(state)
     needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from shardstate.io.reader import ReadAccount, byte_view
 from shardstate.loaders.base import LoadTarget, open_checked
 from shardstate.spec import byte_runs
+from shardstate.store.model_dir import ModelDir
 
 
-def load_sliced(target: LoadTarget, model_dir: Path) -> ReadAccount:
+def load_sliced(target: LoadTarget, directory: ModelDir) -> ReadAccount:
     with ReadAccount() as account:
-        checkpoint = open_checked(target.specs, model_dir, account)
+        checkpoint = open_checked(target.specs, directory.path, account)
         plan = [(checkpoint.tensors[copy.source], dest, copy) for dest, copy in target.zero_padding_and_plan()]
         plan.sort(key=lambda item: (str(item[0].file), item[0].entry.begin, item[2].src))
         for location, dest, copy in plan:

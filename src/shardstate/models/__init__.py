@@ -4,12 +4,14 @@ the meta device is the single source of truth for parameter names, rank-local sh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from shardstate import memory
 from shardstate.config import ConfigReader, ModelConfig, architecture_of, read_config_json
+from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError, brief
 from shardstate.models.decoder import DecoderForCausalLM
 from shardstate.models.llama import LlamaForCausalLM
@@ -21,6 +23,8 @@ from shardstate.models.qwen2_moe import Qwen2MoeForCausalLM
 from shardstate.models.qwen3 import Qwen3ForCausalLM
 from shardstate.models.qwen3_moe import Qwen3MoeForCausalLM
 from shardstate.parallel.distributed import TPGroup
+from shardstate.spec import ShardSpec
+from shardstate.store.model_dir import ModelDir, open_model_dir
 
 FAMILIES: dict[str, type[DecoderForCausalLM]] = {
     family.__name__: family for family in (
@@ -30,14 +34,43 @@ FAMILIES: dict[str, type[DecoderForCausalLM]] = {
 }
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read MODEL/config.json with its family's parser; refuse what that family cannot run, with the reason."""
-    cfg, raw, path = read_config_json(model_dir)
+def parse_config(cfg: dict, raw: bytes, path: Path) -> ModelConfig:
+    """config.json read by its family's parser; what that family cannot run is refused, with the reason."""
     architecture = architecture_of(cfg)
     if architecture not in FAMILIES:
         raise ShardstateError(f"unsupported architecture {brief(architecture)}", path,
                               f"shardstate supports {', '.join(FAMILIES)}")
     return FAMILIES[architecture].parse_config(ConfigReader(cfg, raw, path))
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """MODEL/config.json alone, parsed (no other file is opened)."""
+    return parse_config(*read_config_json(model_dir))
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """What every entry point needs from MODEL, found once (`open_model`) and passed down, to the workers
+    too: the directory opened, its config parsed by its family, the dtype the model runs in."""
+
+    directory: ModelDir
+    config: ModelConfig
+    dtype: torch.dtype
+
+    def build_on_meta(self, group: TPGroup) -> DecoderForCausalLM:
+        return build_on_meta(self.config, group, self.dtype)
+
+    def specs(self, tp_size: int) -> dict[str, ShardSpec]:
+        """Parameter name -> spec at `tp_size` (the same for every rank)."""
+        return self.build_on_meta(TPGroup(0, tp_size)).shard_specs()
+
+
+def open_model(model: str | Path | ModelDir, dtype: str | None = None) -> OpenedModel:
+    """Open MODEL once: config.json (its family's parser), a sharded state's manifest, the dtype to run
+    (`dtype`; else a sharded state's, config.json's or the weights')."""
+    directory = model if isinstance(model, ModelDir) else open_model_dir(model)
+    config = parse_config(directory.config, directory.config_bytes, directory.config_path)
+    return OpenedModel(directory, config, resolve_dtype(dtype, config, directory))
 
 
 def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> DecoderForCausalLM:

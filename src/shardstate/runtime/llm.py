@@ -15,14 +15,13 @@ from typing import Any, NoReturn
 
 import torch
 
-from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
 from shardstate.format.manifest import PP1_PATTERN, check_pattern, new_state_id
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
-from shardstate.models import build_on_meta, check_generation_fits, check_parameters_fit, load_config
+from shardstate.models import OpenedModel, check_generation_fits, check_parameters_fit, open_model
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
 from shardstate.runtime.lifeline import lifeline, sigint_ignored
 from shardstate.runtime.prompts import Output, PromptCodec
@@ -78,7 +77,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | OpenedModel,
         tensor_parallel_size: int = 1,
         load_format: str = "auto",
         dtype: str | None = None,
@@ -88,20 +87,21 @@ class LLM:
         timeout: float = 120.0,
     ) -> None:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
-        self.model_dir = Path(model).absolute()  # the workers' working directory is fixed when they start
-        self.config = load_config(self.model_dir)
+        opened = model if isinstance(model, OpenedModel) else open_model(model, dtype)
+        self.model_dir = opened.directory.path  # absolute: the workers' working directory is fixed when they start
+        self.config = opened.config
         self.config.check_tp_size(tensor_parallel_size)
-        load_format = resolve_load_format(load_format, self.model_dir)
+        load_format = resolve_load_format(load_format, opened.directory)
         self.tp_size = tensor_parallel_size
         self.prompts = PromptCodec(self.model_dir, self.config)
-        self._model_dtype = resolve_dtype(dtype, self.config, self.model_dir)
-        meta_model = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype)
+        self._model_dtype = opened.dtype
+        meta_model = opened.build_on_meta(TPGroup(0, tensor_parallel_size))
         check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
         self._specs = meta_model.shard_specs()  # the same for every rank
         self.timeout = timeout
         if load_format == "sharded":  # refuse a bad state before any worker starts
-            check_before_workers(self.model_dir, self._specs, self._model_dtype, verify)
-        args = WorkerArgs(str(self.model_dir), load_format, dtype, io, io_threads, verify)
+            check_before_workers(opened.directory, self._specs, self._model_dtype, verify)
+        args = WorkerArgs(opened, load_format, io, io_threads, verify)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = cores_per_rank(tensor_parallel_size)

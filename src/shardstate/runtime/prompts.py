@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from shardstate.config import ModelConfig
-from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
-from shardstate.models import check_generation_fits, load_config
+from shardstate.models import OpenedModel, check_generation_fits, open_model
 from shardstate.runtime.generate import Generation
 from shardstate.tokenizer import Tokenizer
 
@@ -64,8 +63,7 @@ class PromptCodec:
 
 @dataclass(frozen=True)
 class PreparedPrompts:
-    config: ModelConfig
-    dtype: torch.dtype
+    model: OpenedModel  # MODEL opened once, for the load that follows
     codec: PromptCodec
     ids: list[list[int]]
 
@@ -76,10 +74,9 @@ def prepare_prompts(
 ) -> PreparedPrompts:
     """Before anything is loaded: config.json read and the TP size checked, the prompts encoded, and the
     generation checked to fit the model's positions and (CPU) this host's memory."""
-    config = load_config(model_dir)
-    config.check_tp_size(tp_size)
-    dtype = resolve_dtype(dtype_name, config, model_dir)
-    codec = PromptCodec(Path(model_dir), config)
+    model = open_model(model_dir, dtype_name)
+    model.config.check_tp_size(tp_size)
+    codec = PromptCodec(model.directory.path, model.config)
     ids = codec.encode(prompts)
-    check_generation_fits(config, ids, max_new_tokens, tp_size, dtype, ranks_here)
-    return PreparedPrompts(config, dtype, codec, ids)
+    check_generation_fits(model.config, ids, max_new_tokens, tp_size, model.dtype, ranks_here)
+    return PreparedPrompts(model, codec, ids)

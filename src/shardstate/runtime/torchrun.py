@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from shardstate.errors import ShardstateError
 from shardstate.loaders import LoadReport
-from shardstate.models import build_on_meta, check_parameters_fit
+from shardstate.models import check_parameters_fit
 from shardstate.parallel.distributed import TPGroup, init_group, torchrun_env
 from shardstate.runtime.prompts import Output, prepare_prompts
 from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
@@ -24,13 +24,11 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
         )
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this host
     prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, world, ranks_here)
-    config, codec, prompt_ids = prepared.config, prepared.codec, prepared.ids
-    check_parameters_fit(build_on_meta(config, TPGroup(0, world), prepared.dtype), ranks_here)
+    config, codec, prompt_ids = prepared.model.config, prepared.codec, prepared.ids
+    check_parameters_fit(prepared.model.build_on_meta(TPGroup(0, world)), ranks_here)
     try:
         group = init_group(rank, world, timeout_s=args.timeout)  # the rendezvous times out like a collective
-        args_for_worker = WorkerArgs(
-            str(args.model), args.load_format, args.dtype, args.io, args.io_threads, args.verify
-        )
+        args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify)
         worker = Worker(args_for_worker, group, local_rank)
         eos = () if args.ignore_eos else config.eos_token_ids
         generation = worker.generate(prompt_ids, args.max_new_tokens, eos)

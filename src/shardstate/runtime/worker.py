@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shardstate.dtypes import resolve_dtype
 from shardstate.errors import ShardstateError
 from shardstate.loaders import IOOptions, load_weights
-from shardstate.models import build_on_meta, load_config
+from shardstate.models import OpenedModel
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, device_for, init_group
 from shardstate.parallel.layers import materialize
 from shardstate.runtime.generate import Generation, greedy_generate
@@ -32,9 +31,8 @@ MIN_IO_THREADS, MAX_IO_THREADS = 2, 8
 
 @dataclass(frozen=True)
 class WorkerArgs:
-    model_dir: str
+    model: OpenedModel  # opened once by the driver: config, dtype, a sharded state's parsed manifest
     load_format: str
-    dtype: str | None  # None: the sharded state's, else config.json's, else the weights'
     io_mode: str = "read"
     io_threads: int | None = None  # None: see MIN_IO_THREADS
     verify: bool = False
@@ -42,17 +40,16 @@ class WorkerArgs:
 
 class Worker:
     def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int):
-        config = self.config = load_config(args.model_dir)
+        self.config = args.model.config
         self.rank = group.rank
-        dtype = resolve_dtype(args.dtype, config, args.model_dir)
-        self.model = build_on_meta(config, group, dtype)
+        self.model = args.model.build_on_meta(group)
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
         threads = args.io_threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, cores_per_rank(group.size)))
         io = IOOptions(args.io_mode, threads, str(device), args.verify)
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
-        self.load_report = load_weights(args.load_format, self.model, args.model_dir, group.rank, io)
+        self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
