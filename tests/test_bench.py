@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from shardstate.benchmark import run_bench
+from shardstate.benchmark.families import run_families
 
 
 def test_bench_smoke(tmp_path):
@@ -32,3 +35,17 @@ def test_bench_smoke(tmp_path):
     assert {tuple(r["tokens"]) for r in results["runs"] if r.get("shardstate")} == {tuple(sharded["tokens"])}
     assert [(c["tp"], c["io"]) for c in results["verify_cost"]] == [(2, "read"), (2, "mmap")]
     assert [c["tp"] for c in results["convert"]] == [2]
+
+
+@pytest.mark.slow
+def test_bench_families_smoke(tmp_path):
+    """Every family through the per-family rows: at TP=2 default reads the whole checkpoint on each rank,
+    sliced and sharded about half, all with the same tokens."""
+    rows = run_families(tmp_path / "out", tmp_path / "cache", tp=2, smoke=True)
+    assert len({r["architecture"] for r in rows}) == 8 and all(r["same_tokens"] for r in rows)
+    for architecture in {r["architecture"] for r in rows}:
+        mine = {r["load"]: r for r in rows if r["architecture"] == architecture}
+        whole = mine["default"]["checkpoint_bytes"]
+        assert all(b >= whole for b in mine["default"]["bytes_per_rank"]), architecture
+        assert all(b < 0.75 * whole for b in mine["sharded"]["bytes_per_rank"]), architecture
+    assert "| MixtralForCausalLM |" in (tmp_path / "out" / "families.md").read_text()

@@ -16,6 +16,7 @@ from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LOAD_FORMATS
+from shardstate.models import OpenedModel
 from shardstate.runtime.llm import IO_THREADS_RANGE, TIMEOUT_RANGE_S
 from shardstate.stops import Stopped, raising_stops
 
@@ -150,10 +151,12 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="stop every rank when one lags this long behind the others (default 120)")
 
 
-def start_llm(model: Path, args: argparse.Namespace) -> LLM:
+def start_llm(model: Path | OpenedModel, args: argparse.Namespace) -> LLM:
+    """Workers for MODEL (a path, or a model already opened, which has its dtype)."""
     from shardstate.runtime.llm import LLM
 
-    return LLM(model, args.tp, args.load_format, args.dtype, io=args.io, io_threads=args.io_threads,
+    dtype = None if isinstance(model, OpenedModel) else args.dtype
+    return LLM(model, args.tp, args.load_format, dtype, io=args.io, io_threads=args.io_threads,
                verify=args.verify, timeout=args.timeout)
 
 
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark model lives")
     bench.add_argument("--tp", type=tp_size, nargs="+", default=[1, 2, 4])
     bench.add_argument("--smoke", action="store_true", help="a tiny model: checks the harness, times nothing")
+    bench.add_argument("--families", action="store_true",
+                       help="instead: bytes per rank and load time of every model family (at the first --tp)")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -225,8 +230,8 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     from shardstate.runtime.prompts import prepare_prompts
 
-    prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp)  # before loading
-    with start_llm(args.model, args) as llm:
+    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp)
+    with start_llm(prepared.model, args) as llm:  # MODEL opened once, prompts checked before any worker starts
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
 
@@ -235,6 +240,12 @@ def run_bench(args: argparse.Namespace) -> None:
     from shardstate.benchmark import run_bench as bench
     from shardstate.demo import cache_dir
 
+    if args.families:
+        from shardstate.benchmark.families import run_families
+
+        rows = run_families(args.out, args.cache_dir or cache_dir() / "bench", args.tp[0], args.smoke)
+        print(f"wrote {args.out}/families.json, families.md ({len(rows)} runs)")
+        return
     vllm_python = args.vllm_python or Path(".venv-vllm/bin/python")
     results = bench(args.out, args.cache_dir or cache_dir() / "bench", args.smoke, tuple(args.tp),
                     vllm_python if vllm_python.is_file() else None)

@@ -73,7 +73,10 @@ class LLM:
 
     `timeout` bounds how long a hung rank can stall the others: a collective gives up after waiting that
     long for a peer, and once one rank has answered a call the rest have that long to answer too.
-    Either way every worker is killed and the error names the ranks that did not answer."""
+    Either way every worker is killed and the error names the ranks that did not answer.
+
+    `model` is a directory, or a model already opened with `shardstate.models.open_model` (which has its
+    dtype: `dtype` must then be None)."""
 
     def __init__(
         self,
@@ -87,6 +90,8 @@ class LLM:
         timeout: float = 120.0,
     ) -> None:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
+        if isinstance(model, OpenedModel) and dtype is not None:
+            raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
         opened = model if isinstance(model, OpenedModel) else open_model(model, dtype)
         self.model_dir = opened.directory.path  # absolute: the workers' working directory is fixed when they start
         self.config = opened.config
