@@ -49,9 +49,10 @@ def ensure_family(root: Path, architecture: str, smoke: bool) -> Path:
     return target
 
 
-def run_families(out_dir: Path, cache_root: Path, tp: int = 2, smoke: bool = False) -> list[dict]:
+def run_families(out_dir: Path, cache_root: Path, tp: int = 2, smoke: bool = False,
+                 architectures: tuple[str, ...] = tuple(FAMILIES)) -> list[dict]:
     rows = []
-    for architecture in FAMILIES:
+    for architecture in architectures:
         source = ensure_family(cache_root, architecture, smoke)
         sharded = cache_root / f"{source.name}-tp{tp}"
         convert(source, sharded, tp, force=True, show_progress=False)
