@@ -126,13 +126,22 @@ def test_family_defaults_follow_transformers(tmp_path):
     from shardstate.models import load_config
 
     assert load_config(write_config(tmp_path / "q3", "Qwen3ForCausalLM")).head_dim == 128
+    assert load_config(write_config(tmp_path / "q3m", "Qwen3MoeForCausalLM")).head_dim == 16
     assert load_config(write_config(tmp_path / "q2", "Qwen2ForCausalLM")).head_dim == 16
-    assert load_config(write_config(tmp_path / "mx", "MixtralForCausalLM", num_local_experts=4,
-                                    num_experts_per_tok=2)).rope.theta == 1e6
+    mixtral = load_config(write_config(tmp_path / "mx", "MixtralForCausalLM", num_local_experts=4))
+    assert (mixtral.rope.theta, mixtral.rms_norm_eps) == (1e6, 1e-5)
+    assert (mixtral.moe.top_k, mixtral.moe.norm_topk_prob) == (2, True)
+    assert load_config(write_config(tmp_path / "mi", "MistralForCausalLM")).sliding_window == 4096
+    assert load_config(write_config(tmp_path / "p3", "Phi3ForCausalLM")).rms_norm_eps == 1e-5
+    kv_default = write_config(tmp_path / "kv", "Qwen3MoeForCausalLM")
+    config = json.loads((kv_default / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (kv_default / "config.json").write_text(json.dumps(config))
+    assert load_config(kv_default).num_key_value_heads == 4
     moe = load_config(write_config(tmp_path / "q2m", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=32, decoder_sparse_step=2, num_hidden_layers=4,
                                    mlp_only_layers=[3])).moe
-    assert moe.dense_layers == {0, 2, 3} and moe.shared_intermediate_size == 0
+    assert moe.dense_layers == {0, 2, 3} and moe.shared_intermediate_size == 5632  # transformers' default
 
 
 @pytest.mark.parametrize("architecture,fields,expected", [
@@ -148,6 +157,16 @@ def test_family_defaults_follow_transformers(tmp_path):
      "'mlp_only_layers' is [7], not a list of layer indices"),
     ("MistralForCausalLM", {"sliding_window": -1}, "'sliding_window' is -1"),
     ("GPT2LMHeadModel", {}, "unsupported architecture 'GPT2LMHeadModel'"),
+    ("", {"architectures": [["LlamaForCausalLM"]]}, "unsupported architecture None"),
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                          "rope_scaling": {"type": "linear", "factor": 4.0}},
+     "'rope_parameters' and 'rope_scaling' disagree"),
+    ("Phi3ForCausalLM", {"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor 0.5 is not supported"),
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}},
+     "linear RoPE has no 'factor'"),
+    ("LlamaForCausalLM", {"rope_parameters": 0}, "'rope_parameters' is 0, not an object"),
+    ("Qwen2MoeForCausalLM", {"mlp_only_layers": False}, "'mlp_only_layers' is False, not a list"),
 ])
 def test_family_configs_it_cannot_run_are_refused_in_one_line(tmp_path, architecture, fields, expected):
     directory = write_config(tmp_path / "m", architecture, **fields)

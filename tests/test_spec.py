@@ -154,6 +154,8 @@ def test_json_round_trip_and_version_1():
     lambda: ShardSpec((Part("x.{e}.w1", (8, 3)),), 1),  # and only stacked ones
     lambda: ShardSpec((Part("w", (4, 2)),), 1, join_dim=2),
     lambda: ShardSpec((Part("w", (4, 2), 0, 2, padded=3),), 2),  # padded below the size
+    lambda: ShardSpec((Part("q", (8, 3), box=((0, 4), (0, 3))), Part("q", (9, 3), box=((4, 4), (0, 3)))), 1),
+    lambda: ShardSpec((Part("w{e}1", (4, 2)), Part("w1{e}", (4, 2))), 1, experts=2),  # both give w11
 ])
 def test_specs_it_cannot_express_are_refused(make):
     with pytest.raises(ValueError):

@@ -109,7 +109,7 @@ class ModelConfig:
                 f"TP size {tp_size} and num_key_value_heads={kv} do not divide one another", self.path,
                 f"use a --tp that divides {kv} or a multiple of it that divides {self.num_attention_heads}",
             )
-        if self.intermediate_size % tp_size:
+        if (self.moe is None or self.moe.dense_layers) and self.intermediate_size % tp_size:
             raise refuse("intermediate_size", self.intermediate_size)
         if self.moe is not None and self.moe.intermediate_size % tp_size:
             raise refuse("moe_intermediate_size", self.moe.intermediate_size)
@@ -139,28 +139,34 @@ def read_config_json(model_dir: str | Path) -> tuple[dict, bytes, Path]:
     return cfg, raw, path
 
 
-def architecture_of(cfg: dict) -> object:
+def architecture_of(cfg: dict) -> str | None:
     architectures = cfg.get("architectures")
-    return architectures[0] if isinstance(architectures, list) and architectures else None
+    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    return first if isinstance(first, str) else None
 
 
 class ConfigReader:
     """Typed, bounded reads of config.json's keys; each refusal names the key and the file. Families read
-    their own keys with it (models/<family>.py) on top of the ones every decoder has (`common`)."""
+    their own keys with it (models/<family>.py) on top of the ones every decoder has (`common`);
+    `defaults` are the family's values for absent keys (transformers' config class defaults)."""
 
-    def __init__(self, cfg: dict, raw: bytes, path: Path) -> None:
+    def __init__(self, cfg: dict, raw: bytes, path: Path, defaults: dict | None = None) -> None:
         self.cfg, self.raw, self.path = cfg, raw, path
+        self.defaults = defaults or {}
 
     def refuse(self, problem: str, todo: str = "repair config.json") -> ShardstateError:
         return ShardstateError(problem, self.path, todo)
 
-    def integer(self, key: str, most: int, default: int | None = None, least: int = 1) -> int:
-        """config[key] (`default` when absent or null): an integer from `least` to `most`."""
+    def _get(self, key: str, default: object) -> object:
         value = self.cfg.get(key)
+        return self.defaults.get(key, default) if value is None else value
+
+    def integer(self, key: str, most: int, default: int | None = None, least: int = 1) -> int:
+        """config[key] (the family's default, else `default`, when absent or null): an integer from
+        `least` to `most`."""
+        value = self._get(key, default)
         if value is None:
-            if default is None:
-                raise self.refuse(f"'{key}' is missing")
-            value = default
+            raise self.refuse(f"'{key}' is missing")
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
             raise self.refuse(f"'{key}' is {brief(value)}, not {kind}")
@@ -168,15 +174,17 @@ class ConfigReader:
             raise self.refuse(f"'{key}' is {brief(value)}, above shardstate's limit of {most}")
         return value
 
-    def number(self, key: str, default: float, value: object = None) -> float:
+    def positive(self, key: str, value: object) -> float:
         """A finite positive JSON number: not a bool, not a string, not NaN or Infinity."""
-        value = self.cfg.get(key, default) if value is None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= sys.float_info.max:
             raise self.refuse(f"'{key}' is {brief(value)}, not a finite positive number")
         return float(value)
 
+    def number(self, key: str, default: float) -> float:
+        return self.positive(key, self._get(key, default))
+
     def flag(self, key: str, default: bool) -> bool:
-        value = self.cfg.get(key, default)
+        value = self._get(key, default)
         if not isinstance(value, bool):
             raise self.refuse(f"'{key}' is {brief(value)}, not true or false")
         return value
@@ -188,36 +196,57 @@ class ConfigReader:
             raise self.refuse(f"'{key}': {brief(json.dumps(value))[1:-1]} is not supported yet",
                               f"use a model without {what}")
 
-    def sliding_window(self, enabled: bool = True) -> int | None:
+    def sliding_window(self) -> int | None:
         """The attention window (keys within the last `sliding_window` positions), or None."""
-        if not enabled or self.cfg.get("sliding_window") is None:
+        if self._get("sliding_window", None) is None:
             return None
         return self.integer("sliding_window", MAX_POSITIONS)
 
-    def rope(self, max_positions: int, theta_default: float = 10000.0) -> Rope:
-        rope = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise self.refuse(f"'rope_scaling' is {brief(rope)}, not an object")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        theta = self.number("rope_theta", theta_default,
-                            rope.get("rope_theta", self.cfg.get("rope_theta", theta_default)))
+    def rope_dict(self) -> dict:
+        """RoPE settings: `rope_parameters` (transformers 5) or `rope_scaling` (earlier); both present and
+        disagreeing is refused rather than guessed."""
+        found = {}
+        for key in ("rope_parameters", "rope_scaling"):
+            value = self.cfg.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise self.refuse(f"'{key}' is {brief(value)}, not an object")
+            if value:
+                found[key] = {("rope_type" if k == "type" else k): v for k, v in value.items()}
+        if len(found) == 2:
+            params, scaling = found["rope_parameters"], found["rope_scaling"]
+            if any(params.get(k) != v for k, v in scaling.items()):
+                raise self.refuse("'rope_parameters' and 'rope_scaling' disagree", "keep one of them")
+        return found.get("rope_parameters") or found.get("rope_scaling") or {}
+
+    def rope(self, max_positions: int) -> Rope:
+        rope = self.rope_dict()
+        kind = rope.get("rope_type", "default")
+        theta_value = rope.get("rope_theta")
+        theta = self.number("rope_theta", 1e4) if theta_value is None else self.positive("rope_theta", theta_value)
+
+        def required(key: str) -> float:
+            if rope.get(key) is None:
+                raise self.refuse(f"{kind} RoPE has no '{key}'")
+            return self.positive(key, rope[key])
+
         if kind == "default":
             return Rope(theta)
         if kind == "linear":
-            return Rope(theta, "linear", self.number("factor", 1.0, rope.get("factor")))
+            return Rope(theta, "linear", required("factor"))
         if kind == "llama3":
             original = rope.get("original_max_position_embeddings")
             if isinstance(original, bool) or not isinstance(original, int) or not 0 < original <= max_positions:
                 raise self.refuse(f"llama3 RoPE's original_max_position_embeddings is {brief(original)}")
-            return Rope(theta, "llama3", self.number("factor", 1.0, rope.get("factor")),
-                        self.number("low_freq_factor", 1.0, rope.get("low_freq_factor")),
-                        self.number("high_freq_factor", 4.0, rope.get("high_freq_factor")), original)
+            low, high = required("low_freq_factor"), required("high_freq_factor")
+            if low >= high:
+                raise self.refuse(f"llama3 RoPE's low_freq_factor {low} is not below high_freq_factor {high}")
+            return Rope(theta, "llama3", required("factor"), low, high, original)
         raise self.refuse(f"RoPE scaling {brief(kind)} is not supported yet",
                           "use a model with default, linear or llama3 RoPE")
 
-    def common(self, architecture: str, head_dim: int | None = None, rope_theta: float = 10000.0) -> dict:
-        """The fields every decoder family has, checked; `head_dim` and `rope_theta` are the family's defaults
-        when config.json has none (None: hidden_size / num_attention_heads)."""
+    def common(self, architecture: str) -> dict:
+        """The fields every decoder family has, checked (head_dim: hidden_size / num_attention_heads unless
+        config.json or the family's defaults say)."""
         for flag in ("attention_bias", "mlp_bias"):
             if self.flag(flag, False):
                 raise self.refuse(f"'{flag}': true is not supported yet", "use a model without biases")
@@ -228,7 +257,7 @@ class ConfigReader:
         kv_heads = self.integer("num_key_value_heads", MAX_HEADS, default=heads)
         if heads % kv_heads:
             raise self.refuse(f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
-        head_dim = self.integer("head_dim", MAX_HEAD_DIM, default=head_dim or hidden // heads)
+        head_dim = self.integer("head_dim", MAX_HEAD_DIM, default=hidden // heads)
         if head_dim % 2:
             raise self.refuse(f"'head_dim' is {head_dim}, not even (RoPE rotates pairs of dimensions)")
         vocab = self.integer("vocab_size", MAX_VOCAB_SIZE)
@@ -250,26 +279,25 @@ class ConfigReader:
             head_dim=head_dim,
             max_position_embeddings=max_positions,
             rms_norm_eps=self.number("rms_norm_eps", 1e-6),
-            rope=self.rope(max_positions, rope_theta),
+            rope=self.rope(max_positions),
             tie_word_embeddings=self.flag("tie_word_embeddings", False),
             dtype=DTYPE_ALIASES.get(dtype_name) if isinstance(dtype_name, str) else None,
             eos_token_ids=eos_ids,
             fingerprint=hashlib.sha256(self.raw).hexdigest(),
         )
 
-    def moe(self, experts_key: str, intermediate_key: str, top_k_default: int | None = None,
-            norm_default: bool = False, shared_key: str | None = None) -> MoE:
+    def moe(self, experts_key: str, intermediate_key: str, shared_key: str | None = None) -> MoE:
         """A mixture-of-experts config; layers listed in mlp_only_layers, or off the decoder_sparse_step
         rhythm, keep a plain MLP (transformers' Qwen MoE rule)."""
         experts = self.integer(experts_key, MAX_EXPERTS)
-        top_k = self.integer("num_experts_per_tok", experts, default=top_k_default)
+        top_k = self.integer("num_experts_per_tok", experts)
         layers = self.integer("num_hidden_layers", MAX_LAYERS)
         step = self.integer("decoder_sparse_step", layers, default=1)
-        only_mlp = self.cfg.get("mlp_only_layers") or []
+        only_mlp = self._get("mlp_only_layers", [])
         if not isinstance(only_mlp, list) or not all(
                 isinstance(n, int) and not isinstance(n, bool) and 0 <= n < layers for n in only_mlp):
             raise self.refuse(f"'mlp_only_layers' is {brief(only_mlp)}, not a list of layer indices")
         dense = frozenset(n for n in range(layers) if n in only_mlp or (n + 1) % step)
         return MoE(experts, top_k, self.integer(intermediate_key, MAX_INTERMEDIATE_SIZE),
-                   self.flag("norm_topk_prob", norm_default),
+                   self.flag("norm_topk_prob", False),
                    self.integer(shared_key, MAX_INTERMEDIATE_SIZE, least=0, default=0) if shared_key else 0, dense)

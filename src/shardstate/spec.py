@@ -82,7 +82,7 @@ class Part:
 
     def check(self, tp_size: int) -> None:
         n = len(self.shape)
-        if not 1 <= n <= MAX_DIMS or not all(0 < d <= MAX_DIM_SIZE for d in self.shape):
+        if not 1 <= n <= MAX_DIMS or not all(0 < d < MAX_DIM_SIZE for d in self.shape):
             raise ValueError(f"{self.source}: shape {list(self.shape)} is not 1 to {MAX_DIMS} positive sizes")
         if self.box is not None and (len(self.box) != n or not all(
                 start >= 0 and length > 0 and start + length <= size
@@ -139,12 +139,18 @@ class ShardSpec:
         self._check_disjoint_sources()
 
     def _check_disjoint_sources(self) -> None:
-        """Refuse two parts using overlapping regions of one source (an element would be taken twice, and
-        `put` could not tell which copy is right)."""
-        for a, b in itertools.combinations(self.parts, 2):
-            if a.source == b.source and all(
-                    sa < sb + lb and sb < sa + la for (sa, la), (sb, lb) in zip(a.region, b.region, strict=True)):
-                raise ValueError(f"{a.source}: two parts use overlapping regions")
+        """Refuse two parts naming one source (after "{e}" is expanded) with different whole shapes or
+        overlapping regions: an element would be taken twice, and `put` could not tell which copy is right."""
+        by_source: dict[str, list[Part]] = {}
+        for part in self.parts:
+            for name in self.expert_sources(part.source):
+                by_source.setdefault(name, []).append(part)
+        for name, parts in by_source.items():
+            for a, b in itertools.combinations(parts, 2):
+                if a.shape != b.shape:
+                    raise ValueError(f"{name}: parts give it shapes {list(a.shape)} and {list(b.shape)}")
+                if all(sa < sb + lb and sb < sa + la for (sa, la), (sb, lb) in zip(a.region, b.region, strict=True)):
+                    raise ValueError(f"{name}: two parts use overlapping regions")
 
     @property
     def kind(self) -> str:
@@ -251,7 +257,7 @@ MAX_EXPERTS = 1 << 12
 MAX_DIMS = 8
 MAX_DIM_SIZE = 1 << 40
 MAX_TP = 1 << 16
-SPEC_VERSION = 2  # the manifest's form of a spec; version 1 manifests hold the form `_from_json_v1` reads
+SPEC_VERSION = 2  # the manifest's form of a spec; version 1 manifests hold the kind-tagged form (spec_from_json)
 
 
 def spec_to_json(s: ShardSpec) -> dict:
@@ -296,7 +302,7 @@ def _part(raw: object, tp_size: int, where: str, version: int) -> Part:
     if not isinstance(raw["source"], str) or not raw["source"]:
         raise ValueError(f"{where}.source is not a tensor name")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS
-            or not all(type(d) is int and 0 < d <= MAX_DIM_SIZE for d in shape)):
+            or not all(type(d) is int and 0 < d < MAX_DIM_SIZE for d in shape)):
         raise ValueError(f"{where}.shape is {brief(shape)}, not 1 to {MAX_DIMS} positive sizes")
     dim = _int(raw, "dim", 0, len(shape) - 1, where)
     chunks = _int(raw, "chunks", 1, tp_size, where)

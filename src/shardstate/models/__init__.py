@@ -40,7 +40,8 @@ def parse_config(cfg: dict, raw: bytes, path: Path) -> ModelConfig:
     if architecture not in FAMILIES:
         raise ShardstateError(f"unsupported architecture {brief(architecture)}", path,
                               f"shardstate supports {', '.join(FAMILIES)}")
-    return FAMILIES[architecture].parse_config(ConfigReader(cfg, raw, path))
+    family = FAMILIES[architecture]
+    return family.parse_config(ConfigReader(cfg, raw, path, family.DEFAULTS))
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -209,9 +210,11 @@ class DecoderModel(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     """A rank-local decoder. `shard_specs()` maps vLLM parameter names to the specs that fill them.
-    Families subclass it: `fused_checkpoint` (the checkpoint fuses qkv and gate_up) and `make_mlp`."""
+    Families subclass it: `parse_config`, `DEFAULTS`, `fused_checkpoint` (the checkpoint fuses qkv and
+    gate_up) and `make_mlp`."""
 
     fused_checkpoint = False
+    DEFAULTS: ClassVar[dict] = {}  # config.json values when a key is absent: transformers' defaults for the family
 
     @classmethod
     def make_mlp(cls, config: ModelConfig, group: TPGroup, dtype: torch.dtype, prefix: str,

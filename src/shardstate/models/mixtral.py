@@ -3,6 +3,8 @@ w2 (down) of intermediate_size each, top-k routing renormalised to sum to 1."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -13,14 +15,16 @@ from shardstate.parallel.distributed import TPGroup
 
 
 class MixtralForCausalLM(DecoderForCausalLM):
+    DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                                "num_local_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True}
+
     @staticmethod
     def parse_config(reader: ConfigReader) -> ModelConfig:
-        moe = reader.moe("num_local_experts", "intermediate_size", norm_default=True)
+        moe = reader.moe("num_local_experts", "intermediate_size")
         if not moe.norm_topk_prob or moe.dense_layers:
             raise reader.refuse("a Mixtral config with norm_topk_prob false or dense layers",
                                 "use a Mixtral config as released")
-        common = reader.common("MixtralForCausalLM", rope_theta=1e6)  # the family's default
-        return ModelConfig(**common, sliding_window=reader.sliding_window(), moe=moe)
+        return ModelConfig(**reader.common("MixtralForCausalLM"), sliding_window=reader.sliding_window(), moe=moe)
 
     @classmethod
     def make_mlp(cls, config: ModelConfig, group: TPGroup, dtype: torch.dtype, prefix: str,

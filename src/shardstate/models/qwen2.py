@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from shardstate.config import ConfigReader, ModelConfig
 from shardstate.models.decoder import DecoderForCausalLM
 
@@ -12,6 +14,8 @@ def no_sliding_window(reader: ConfigReader) -> None:
 
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
+    DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 32}
+
     @staticmethod
     def parse_config(reader: ConfigReader) -> ModelConfig:
         no_sliding_window(reader)

@@ -4,6 +4,8 @@ layers keep a plain MLP."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -18,10 +20,14 @@ QWEN_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
 def experts_key(reader: ConfigReader) -> str:
     """Released configs say num_experts; transformers 5 writes num_local_experts for some families."""
-    return "num_experts" if reader.cfg.get("num_experts") is not None else "num_local_experts"
+    local = reader.cfg.get("num_experts") is None and reader.cfg.get("num_local_experts") is not None
+    return "num_local_experts" if local else "num_experts"
 
 
 class Qwen2MoeForCausalLM(DecoderForCausalLM):
+    DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
+                                "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}
+
     @staticmethod
     def parse_config(reader: ConfigReader) -> ModelConfig:
         no_sliding_window(reader)

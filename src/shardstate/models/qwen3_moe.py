@@ -1,7 +1,9 @@
-"""Qwen3-MoE: Qwen3's attention (q/k norms) with routed experts; vLLM keeps the router inside the experts
-module (`mlp.experts.gate`)."""
+"""Qwen3-MoE: Qwen3's attention (q/k norms; head_dim hidden/heads unless config.json says) with routed
+experts; vLLM keeps the router inside the experts module (`mlp.experts.gate`)."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -15,11 +17,14 @@ from shardstate.parallel.distributed import TPGroup
 
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):
+    DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8,
+                                "moe_intermediate_size": 768}
+
     @staticmethod
     def parse_config(reader: ConfigReader) -> ModelConfig:
         no_sliding_window(reader)
         moe = reader.moe(experts_key(reader), "moe_intermediate_size")
-        return ModelConfig(**reader.common("Qwen3MoeForCausalLM", head_dim=128), qk_norm=True, moe=moe)
+        return ModelConfig(**reader.common("Qwen3MoeForCausalLM"), qk_norm=True, moe=moe)
 
     @classmethod
     def make_mlp(cls, config: ModelConfig, group: TPGroup, dtype: torch.dtype, prefix: str,
