@@ -57,3 +57,20 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]], steps: int) -
                 ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
             tokens.append(out)
     return tokens, torch.stack(first)
+
+
+def checkpoint_maker(tmp_path_factory: pytest.TempPathFactory, families: dict[str, tuple[str, dict]], seed: int):
+    """`make(name)`: the checkpoint of `families[name]` = (architecture, config overrides), made once with
+    weights of std 0.1 (so greedy tokens vary)."""
+    from shardstate.synthetic import make_checkpoint
+
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            architecture, overrides = families[name]
+            made[name] = make_checkpoint(tmp_path_factory.mktemp(name) / "hf", architecture, seed=seed,
+                                         initializer_range=0.1, **overrides)
+        return made[name]
+
+    return make

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import transformers_greedy
+from conftest import checkpoint_maker, transformers_greedy
 from shardstate import LLM
 from shardstate.convert import convert
-from shardstate.synthetic import make_checkpoint
 from test_loaders import assert_states_equal
 from test_sharded import assert_same_but_state_id
 
@@ -44,16 +43,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def family_dir(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in made:
-            architecture, overrides = FAMILIES[name]
-            made[name] = make_checkpoint(tmp_path_factory.mktemp(name) / "hf", architecture, seed=3,
-                                         initializer_range=0.1, **overrides)
-        return made[name]
-
-    return make
+    return checkpoint_maker(tmp_path_factory, FAMILIES, seed=3)
 
 
 def run(model: Path, tp: int, load_format: str) -> tuple[list, list[list[int]], torch.Tensor, LLM]:

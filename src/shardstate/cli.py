@@ -17,6 +17,7 @@ from shardstate.errors import ShardstateError
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LOAD_FORMATS
 from shardstate.models import OpenedModel
+from shardstate.quant.methods import METHODS
 from shardstate.runtime.llm import IO_THREADS_RANGE, TIMEOUT_RANGE_S
 from shardstate.stops import Stopped, raising_stops
 
@@ -157,7 +158,7 @@ def start_llm(model: Path | OpenedModel, args: argparse.Namespace) -> LLM:
 
     dtype = None if isinstance(model, OpenedModel) else args.dtype
     return LLM(model, args.tp, args.load_format, dtype, io=args.io, io_threads=args.io_threads,
-               verify=args.verify, timeout=args.timeout)
+               verify=args.verify, timeout=args.timeout, quantize=getattr(args, "quantize", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                      help="auto: sharded for a sharded state, else default")
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
+    gen.add_argument("--quantize", choices=sorted(METHODS), default=None,
+                     help="quantize the linear weights after load (weight-only, per-output-channel fp32 scales)")
     gen.add_argument("--prompt", dest="prompts", action=_AppendPrompt, help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, metavar="1,2,3", help="token ids")
     add_worker_options(gen)

@@ -36,7 +36,7 @@ class KVCache:
     @classmethod
     def allocate(cls, model: DecoderForCausalLM, batch: int, max_len: int) -> KVCache:
         attn = model.model.layers[0].self_attn
-        param = attn.qkv_proj.weight
+        param = model.model.embed_tokens.weight  # the compute dtype (linear weights may be quantized)
         shape = (batch, attn.local_kv_heads, max_len, attn.head_dim)
         n = len(model.model.layers)
 

@@ -23,6 +23,11 @@ class TPGroup:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return tensor

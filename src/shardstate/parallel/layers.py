@@ -14,9 +14,18 @@ from shardstate.spec import ShardSpec
 
 def sharded_parameter(spec: ShardSpec, dtype: torch.dtype) -> nn.Parameter:
     """A rank-local parameter shaped by `spec`, which it carries as `.spec`."""
-    param = nn.Parameter(torch.empty(spec.local_shape(), dtype=dtype), requires_grad=False)
+    return spec_parameter(torch.empty(spec.local_shape(), dtype=dtype), spec)
+
+
+def spec_parameter(data: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
+    param = nn.Parameter(data, requires_grad=False)
     param.spec = spec
     return param
+
+
+def dequantized(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight to compute with: itself, or (quantized, quant/) times its per-row scales, in `dtype`."""
+    return weight if scale is None else (weight.float() * scale).to(dtype)
 
 
 def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
@@ -31,6 +40,9 @@ class ShardedWeight(nn.Module):
         super().__init__()
         self.weight = sharded_parameter(spec, dtype)
         self.bias = None if bias is None else sharded_parameter(bias, dtype)
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantized(self.weight, getattr(self, "weight_scale", None), dtype)
 
 
 class RMSNorm(ShardedWeight):
@@ -49,7 +61,7 @@ class ColumnParallelLinear(ShardedWeight):
     """Output features split across ranks (also the fused qkv and gate_up projections); no communication."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.compute_weight(x.dtype), self.bias)
 
 
 class ReplicatedLinear(ShardedWeight):
@@ -69,7 +81,7 @@ class RowParallelLinear(ShardedWeight):
         self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = F.linear(x, self.compute_weight(x.dtype))
         return self.group.all_reduce(partial) if self.reduce else partial
 
 

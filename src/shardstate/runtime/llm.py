@@ -23,6 +23,7 @@ from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import OpenedModel, check_generation_fits, check_parameters_fit, open_model
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
+from shardstate.quant.methods import method_named
 from shardstate.runtime.lifeline import lifeline, sigint_ignored
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
@@ -88,8 +89,10 @@ class LLM:
         io_threads: int | None = None,
         verify: bool = False,
         timeout: float = 120.0,
+        quantize: str | None = None,
     ) -> None:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
+        self.quantize = None if quantize is None else method_named(quantize).name
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
         opened = model if isinstance(model, OpenedModel) else open_model(model, dtype)
@@ -106,7 +109,7 @@ class LLM:
         self.timeout = timeout
         if load_format == "sharded":  # refuse a bad state before any worker starts
             check_before_workers(opened.directory, self._specs, self._model_dtype, verify)
-        args = WorkerArgs(opened, load_format, io, io_threads, verify)
+        args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = cores_per_rank(tensor_parallel_size)
@@ -220,6 +223,9 @@ class LLM:
         """Each worker writes its own live parameters to `path` (vLLM's file pattern by default, parts
         rolling over at `max_size` bytes); the manifest goes last and the directory appears atomically.
         Returns the file names written."""
+        if self.quantize is not None:
+            raise ShardstateError(f"saving a state quantized after load ({self.quantize}) is not supported yet", None,
+                                  "save without --quantize")
         pattern = check_pattern(pattern or PP1_PATTERN)
         out = Path(path)
         state_id = new_state_id()

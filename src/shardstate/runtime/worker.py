@@ -18,6 +18,8 @@ from shardstate.loaders import IOOptions, load_weights
 from shardstate.models import OpenedModel
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, device_for, init_group
 from shardstate.parallel.layers import materialize
+from shardstate.quant.apply import quantize_linear_weights
+from shardstate.quant.methods import method_named
 from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.lifeline import watch_driver
 from shardstate.store.writer import StatePlan
@@ -36,6 +38,7 @@ class WorkerArgs:
     io_mode: str = "read"
     io_threads: int | None = None  # None: see MIN_IO_THREADS
     verify: bool = False
+    quantize: str | None = None  # quantize the linear weights after load (quant/): int8 | fp8
 
 
 class Worker:
@@ -50,6 +53,8 @@ class Worker:
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io)
+        if args.quantize is not None:
+            quantize_linear_weights(self.model, method_named(args.quantize), group)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)

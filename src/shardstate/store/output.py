@@ -183,6 +183,8 @@ def staged_output(out: Path, src: Path, force: bool) -> Iterator[Path]:
     ours = not os.path.lexists(tmp)  # decided before mkdir, so that a stop landing just after it still cleans up
     old, old_names, published, lock = None, set(), False, None
     janitor = None
+    if ours:  # before mkdir: a SIGTERM/SIGHUP landing between mkdir and the janitor's start still removes it
+        on_default_death(tmp, lambda: shutil.rmtree(tmp, ignore_errors=True))
     try:
         with failing_as("cannot create a staging directory beside the output", out.parent,
                         "check permissions and free space"):
@@ -192,7 +194,6 @@ def staged_output(out: Path, src: Path, force: bool) -> Iterator[Path]:
             lock = os.open(tmp / STAGING_MARKER, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644)
             fcntl.flock(lock, fcntl.LOCK_EX)
         janitor = Janitor(directory=tmp)
-        on_default_death(tmp, lambda: shutil.rmtree(tmp, ignore_errors=True))
         yield tmp
         (tmp / STAGING_MARKER).unlink()
         fsync_dir(tmp)

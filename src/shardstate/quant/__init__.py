@@ -1,0 +1,1 @@
+"""Weight-only quantization of the linear layers after load (DESIGN.md, "Quantization")."""

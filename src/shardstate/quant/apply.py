@@ -1,0 +1,64 @@
+"""Quantize a loaded rank's linear weights in place (the seed's "quantize after load"). Each quantized
+weight keeps its name and spec and gains `<name>_scale` [..., N, 1] fp32. Where the spec splits a weight's
+input dim across ranks (row-parallel layers, MoE down projections), the ranks all-reduce their partial row
+maxima first, so every rank's scales are those of the whole row."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from shardstate.parallel.distributed import TPGroup
+from shardstate.parallel.layers import (
+    ParallelLMHead,
+    ReplicatedLinear,
+    RMSNorm,
+    ShardedWeight,
+    VocabParallelEmbedding,
+    spec_parameter,
+)
+from shardstate.quant.methods import QuantMethod, row_absmax
+from shardstate.spec import Part, ShardSpec
+
+QUANTIZED_NAMES = ("weight", "w13_weight", "w2_weight")  # linear layers' and fused experts' weights
+
+
+def splits_input_dim(spec: ShardSpec) -> bool:
+    """Whether a rank holds only part of each output row (a part cut along the last dim)."""
+    return any(part.chunks > 1 and part.dim == len(part.shape) - 1 for part in spec.parts)
+
+
+def scale_spec(spec: ShardSpec) -> ShardSpec:
+    """The spec of a weight's scales: the weight's rows, one column, never split along it. Its sources are
+    the weights' names with `_scale` appended (they exist in quantized states, not in HF checkpoints)."""
+    parts = []
+    for part in spec.parts:
+        last = len(part.shape) - 1
+        shape = (*part.shape[:last], 1)
+        box = None if part.box is None else (*part.box[:last], (0, 1))
+        dim, chunks = (part.dim, part.chunks) if part.dim != last else (0, 1)
+        padded = part.padded if part.dim != last else None
+        parts.append(Part(f"{part.source}_scale", shape, dim, chunks, padded, box))
+    return ShardSpec(tuple(parts), spec.tp_size, spec.join_dim, spec.experts)
+
+
+def quantize_module(module: nn.Module, name: str, method: QuantMethod, group: TPGroup) -> None:
+    weight = getattr(module, name)
+    absmax = row_absmax(weight)
+    if splits_input_dim(weight.spec):
+        group.all_reduce_max(absmax)
+    scale = method.scales(absmax)
+    setattr(module, name, spec_parameter(method.quantize(weight, scale), weight.spec))
+    setattr(module, f"{name}_scale", spec_parameter(scale, scale_spec(weight.spec)))
+
+
+def quantize_linear_weights(model: nn.Module, method: QuantMethod, group: TPGroup) -> None:
+    """Every column/row-parallel linear weight and fused expert weight of `model`; embeddings, the LM head,
+    norms and routers keep the model dtype."""
+    kept = (ReplicatedLinear, ParallelLMHead, RMSNorm, VocabParallelEmbedding)
+    for module in list(model.modules()):
+        if isinstance(module, kept):
+            continue
+        for name in QUANTIZED_NAMES:
+            param = module._parameters.get(name)
+            if param is not None and (isinstance(module, ShardedWeight) or name != "weight"):
+                quantize_module(module, name, method, group)
