@@ -52,8 +52,8 @@ def world(tmp_path_factory) -> tuple[Path, dict, dict]:
     convert(source, root / "state", 2, max_part_bytes=60_000)
     shutil.copytree(root / "state", root / "copy")
     doc = json.loads((root / "state" / MANIFEST_NAME).read_text())
-    specs = build_on_meta(load_config(root / "state"), TPGroup(0, 2), torch.float32).shard_specs()
-    return root / "copy", doc, {"specs": specs, "dtype": torch.float32}
+    params = dict(build_on_meta(load_config(root / "state"), TPGroup(0, 2), torch.float32).named_parameters())
+    return root / "copy", doc, {"params": params, "dtype": torch.float32}
 
 
 def paths(value: object, prefix: tuple = ()) -> list[tuple]:
@@ -85,7 +85,7 @@ def run(world, capsys, text: str | bytes) -> None:
         outcomes[command] = main([command, str(directory), "--json"])
         assert outcomes[command] in (0, 1)
     try:
-        check_before_workers(open_model_dir(directory), model["specs"], model["dtype"], verify=True)
+        check_before_workers(open_model_dir(directory), model["params"], model["dtype"], verify=True)
         outcomes["load"] = 0
     except ShardstateError as exc:
         assert str(exc).count("\n") == 0

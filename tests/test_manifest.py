@@ -107,7 +107,7 @@ CASES = {
         f"manifest field files['{R0}'] says rank 1 part 0, but that file would be named {R1}"),
     "rank missing from tensors": (edit_manifest(drop_rank), "manifest field 'tensors' has ranks ['0'], not 0..1"),
     "dtype that disagrees with the files": (
-        edit_manifest(lambda d: d.update(dtype="BF16")), ".dtype is F32, the state's dtype is BF16"),
+        edit_manifest(lambda d: d.update(dtype="BF16")), ".dtype is F32, not one of the state's dtypes ['BF16']"),
     "malformed spec": (edit_manifest(lambda d: pad_q(d, 65)), "65 (padded from 64) does not cut into 2 chunks"),
     "spec of another layout": (
         edit_manifest(lambda d: d["tensors"]["0"][QKV]["spec"]["parts"].reverse()),  # [v; k; q]: same shape

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import checkpoint_maker, transformers_greedy
 from shardstate import LLM
+from shardstate.convert import convert
+from test_sharded import assert_same_but_state_id
 
 PROMPTS = [[1, 5, 9, 33, 7, 120, 3, 4], [4, 100, 2, 8], [150]]
 STEPS = 6
@@ -85,3 +87,73 @@ def test_quantize_cli_and_refusals(checkpoint, tmp_path):
     bad = subprocess.run([bin_dir / "shardstate", "generate", str(src), "--quantize", "int4", "--prompt-ids", "1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_quantized_states_save_convert_reshard_and_load_agree(checkpoint, tmp_path, method):
+    """The seed's flow (load, quantize on the workers, each rank saves) writes the bytes of an offline
+    `convert --quantize`, at TP=2 and 4; resharding the quantized state 4 -> 2 -> 1 writes the bytes of a
+    direct convert at that TP; loading it runs the quantized model with the tokens of quantize-after-load."""
+    src = checkpoint("qwen2-moe")
+    with LLM(src, tensor_parallel_size=2, load_format="sliced", quantize=method) as llm:
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)]
+        llm.save_sharded_state(tmp_path / "saved2", max_size=30_000)
+    for tp in (2, 4, 1):
+        convert(src, tmp_path / f"direct{tp}", tp, max_part_bytes=30_000, quantize=method)
+    for file in sorted(p.name for p in (tmp_path / "direct2").glob("*.safetensors")):
+        assert_same_but_state_id(tmp_path / "saved2" / file, tmp_path / "direct2" / file)
+    convert(tmp_path / "saved2", tmp_path / "re4", 4, max_part_bytes=30_000)
+    convert(tmp_path / "re4", tmp_path / "re2", 2, max_part_bytes=30_000)
+    convert(tmp_path / "re2", tmp_path / "re1", 1, max_part_bytes=30_000)
+    for tp in (4, 2, 1):
+        for file in sorted(p.name for p in (tmp_path / f"direct{tp}").glob("*.safetensors")):
+            assert_same_but_state_id(tmp_path / f"re{tp}" / file, tmp_path / f"direct{tp}" / file)
+    manifest = json.loads((tmp_path / "re1" / "shardstate.json").read_text())
+    assert manifest["quantization"] == {"method": method, "scales": "per-output-channel"}
+    assert {r["dtype"] for r in manifest["tensors"]["0"].values()} == {"F32", "I8" if method == "int8" else "F8_E4M3"}
+    quantized_bytes = sum(f["size"] for f in manifest["files"].values())
+    plain = convert(src, tmp_path / "plain1", 1)
+    assert quantized_bytes < 0.5 * sum((tmp_path / "plain1" / f).stat().st_size for f in plain.files)
+    with LLM(tmp_path / "re2", tensor_parallel_size=2) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)] == tokens
+        assert llm.load_reports[0].files[0].startswith(str(tmp_path / "re2" / "model-rank-0-part-"))
+
+
+def test_a_quantized_state_refuses_what_it_cannot_honour(checkpoint, tmp_path):
+    src = checkpoint("llama")
+    convert(src, tmp_path / "q", 2, quantize="int8")
+    bin_dir = Path(sys.executable).parent
+
+    def shardstate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([bin_dir / "shardstate", *args], capture_output=True, text=True)
+
+    for args, expected in (
+        (["generate", str(tmp_path / "q"), "--tp", "2", "--quantize", "fp8", "--prompt-ids", "1"],
+         "the state is quantized with int8; --quantize fp8 would quantize it twice"),
+        (["convert", str(tmp_path / "q"), str(tmp_path / "bf16"), "--tp", "1", "--dtype", "bfloat16"],
+         "the state is quantized; its other tensors stay F32"),
+        (["generate", str(tmp_path / "q"), "--tp", "2", "--dtype", "bfloat16", "--prompt-ids", "1"],
+         "saved as F32, running BF16"),
+    ):
+        result = shardstate(*args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+    assert not (tmp_path / "bf16").exists()
+    assert shardstate("verify", str(tmp_path / "q")).returncode == 0
+    inspected = shardstate("inspect", str(tmp_path / "q"), "--json")
+    assert json.loads(inspected.stdout)["quantization"] == {"method": "int8", "scales": "per-output-channel"}
+    same = shardstate("generate", str(tmp_path / "q"), "--tp", "2", "--quantize", "int8", "--prompt-ids", "1,2")
+    assert same.returncode == 0, same.stderr
+
+
+@pytest.mark.slow
+def test_save_quantized_at_tp4_equals_convert(checkpoint, tmp_path):
+    """Row-parallel ranks at TP=4 hold a quarter of each row: their all-reduced maxima give the scales of
+    the whole row, so the saved bytes are the offline converter's."""
+    src = checkpoint("qwen2-moe")
+    with LLM(src, tensor_parallel_size=4, load_format="sliced", quantize="fp8") as llm:
+        llm.save_sharded_state(tmp_path / "saved", max_size=30_000)
+    convert(src, tmp_path / "direct", 4, max_part_bytes=30_000, quantize="fp8")
+    files = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "saved").glob("*.safetensors"))
+    for file in files:
+        assert_same_but_state_id(tmp_path / "saved" / file, tmp_path / "direct" / file)

@@ -79,7 +79,7 @@ def run_convert(args: argparse.Namespace) -> None:
     from shardstate.convert import convert
 
     report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force,
-                     show_progress=False if args.json else None)
+                     show_progress=False if args.json else None, quantize=args.quantize)
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
         return
@@ -161,6 +161,12 @@ def start_llm(model: Path | OpenedModel, args: argparse.Namespace) -> LLM:
                verify=args.verify, timeout=args.timeout, quantize=getattr(args, "quantize", None))
 
 
+def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=sorted(METHODS), default=None,
+                        help="weight-only int8 or fp8 linear weights, per-output-channel fp32 scales (a quantized "
+                             "state keeps its method)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardstate", description="Load LLMs into tensor-parallel workers fast.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE",
                       help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_quantize_option(conv)
     conv.add_argument("--json", action="store_true")
 
     save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")
@@ -186,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
     save.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_quantize_option(save)
     add_worker_options(save)
 
     checks = (("inspect", "what a sharded state holds"), ("verify", "check every file against the manifest"))
@@ -210,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                      help="auto: sharded for a sharded state, else default")
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
-    gen.add_argument("--quantize", choices=sorted(METHODS), default=None,
-                     help="quantize the linear weights after load (weight-only, per-output-channel fp32 scales)")
+    add_quantize_option(gen)
     gen.add_argument("--prompt", dest="prompts", action=_AppendPrompt, help="text prompt (repeatable)")
     gen.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, metavar="1,2,3", help="token ids")
     add_worker_options(gen)

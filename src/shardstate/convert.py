@@ -11,11 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardstate.errors import ShardstateError
 from shardstate.format.manifest import new_state_id
+from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.io.reader import ReadAccount
-from shardstate.models import open_model
+from shardstate.models import build_on_meta, open_model, quantize_after_load
+from shardstate.parallel.distributed import TPGroup
 from shardstate.progress import Progress
-from shardstate.sources import CheckpointSource, ShardedSource, TensorSource
+from shardstate.quant.methods import method_named
+from shardstate.sources import CheckpointSource, QuantizingSource, ShardedSource, TensorSource
 from shardstate.store.output import staged_output
 from shardstate.store.writer import StatePlan, complete_state
 
@@ -36,26 +40,38 @@ def convert(
     max_part_bytes: int = 5 << 30,
     force: bool = False,
     show_progress: bool | None = None,
+    quantize: str | None = None,
 ) -> ConvertReport:
-    """`show_progress` None: a progress line on stderr when it is a terminal."""
+    """`show_progress` None: a progress line on stderr when it is a terminal. `quantize`: write the linear
+    weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     model = open_model(src, dtype)
     config, torch_dtype, state = model.config, model.dtype, model.directory.state
     config.check_tp_size(tp_size)
-    specs = model.specs(tp_size)
-    plan = StatePlan.make(specs, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id())
+    quantize = quantize_after_load(model, quantize)
+    if model.quantization is not None and torch_dtype != state.dtype:
+        raise ShardstateError(f"the state is quantized; its other tensors stay {DTYPE_NAMES[state.dtype]}", src,
+                              "convert without --dtype, or from the unquantized checkpoint")
+    quantization = model.quantization or quantize
+    params = dict(build_on_meta(config, TPGroup(0, tp_size), torch_dtype, quantization).named_parameters())
+    plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id(),
+                          quantization=quantization)
     with staged_output(out, src, force) as tmp, ReadAccount() as account:
         source: TensorSource = (
-            CheckpointSource(src, specs, account) if state is None else ShardedSource(state, config, account)
+            CheckpointSource(src, model.specs(tp_size), account) if state is None else ShardedSource(model, account)
         )
+        if quantize is not None:
+            method = method_named(quantize)
+            quantized = {n for n, p in params.items() if p.dtype == method.dtype}
+            source = QuantizingSource(source, method, torch_dtype, quantized)
         writers = [plan.writer(tmp, rank) for rank in range(tp_size)]
         progress = Progress(f"convert to TP={tp_size}", sum(f.stat().st_size for f in source.files), show_progress)
         try:
-            for name, spec in specs.items():
-                sources = source.tensors_for(name, spec)
+            for name, param in params.items():
+                sources = source.tensors_for(name, param.spec)
                 for rank, writer in enumerate(writers):
-                    writer.write(name, spec.take(rank, sources, torch_dtype))
+                    writer.write(name, param.spec.take(rank, sources, param.dtype))
                 progress.update(account.bytes_read)
             for writer in writers:
                 plan.finish(writer)

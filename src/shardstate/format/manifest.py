@@ -32,6 +32,8 @@ PP1_PATTERN = "model-rank-{rank}-part-{part}.safetensors"  # vLLM's, so vLLM can
 CHECKSUM = "crc32"
 CONSTANT_SPEC = {"kind": "constant", "value": 1.0}  # vLLM's F32 scale scalars
 WRITER = "shardstate"
+QUANT_WEIGHT_DTYPES = {"int8": "I8", "fp8": "F8_E4M3"}  # quantization method -> its weights' dtype
+QUANT_SCALES = "per-output-channel"  # F32 `<weight>_scale` [..., N, 1] over each whole row
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_TP = 1 << 16
@@ -62,7 +64,7 @@ class Manifest:
     tensors: dict[str, dict[str, dict]]  # rank -> name -> {"file", "dtype", "shape", "global_shape", ...}
     pp_size: int = 1
     pattern: str = PP1_PATTERN
-    quantization: str | None = None
+    quantization: dict | None = None  # {"method": "int8" | "fp8", "scales": QUANT_SCALES}
     version: int = FORMAT_VERSION  # as read (a state written by an older shardstate keeps its version)
     # rank -> name -> the parameter's spec, as parsed when the manifest was read (not written: `tensors` holds it)
     specs: dict[str, dict[str, ShardSpec]] = field(default_factory=dict, repr=False, compare=False)
@@ -237,8 +239,12 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
         pattern = None
     if pattern is None:
         raise r.fail("'pattern'", f"is {brief(doc['pattern'])}, not a file-name pattern with {{rank}} and {{part}}")
-    if doc["quantization"] is not None:
-        raise r.fail("'quantization'", f"is {brief(doc['quantization'])}: this shardstate reads only null")
+    quantization = doc["quantization"]
+    if quantization is not None:
+        r.obj("'quantization'", quantization, {"method", "scales"})
+        if quantization["method"] not in QUANT_WEIGHT_DTYPES or quantization["scales"] != QUANT_SCALES:
+            methods = ", ".join(QUANT_WEIGHT_DTYPES)
+            raise r.fail("'quantization'", f"is {brief(quantization)}, not one of {methods} with {QUANT_SCALES} scales")
     dtype = r.text("'dtype'", doc["dtype"])
     if dtype not in DTYPES:
         raise r.fail("'dtype'", f"is {brief(dtype)}, not one of {', '.join(DTYPES)}")
@@ -253,6 +259,7 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
         files=_files(r, doc["files"], tp_size, pattern),
         tensors={},
         pattern=pattern,
+        quantization=quantization,
         version=version,
     )
     manifest.tensors = _tensors(r, doc["tensors"], manifest)
@@ -342,6 +349,9 @@ def _checked_spec(r: _Reader, field: str, record: dict, shape: list[int], manife
         raise r.fail(f"{field}.spec.tp_size", f"is {spec.tp_size}, the state's tp_size is {manifest.tp_size}")
     if list(spec.local_shape()) != shape or list(spec.global_shape()) != record["global_shape"]:
         raise r.fail(field, f"has shape {brief(shape)}, its spec gives {list(spec.local_shape())}")
-    if record["dtype"] != manifest.dtype:
-        raise r.fail(f"{field}.dtype", f"is {record['dtype']}, the state's dtype is {manifest.dtype}")
+    allowed = {manifest.dtype}
+    if manifest.quantization is not None:  # quantized weights and their F32 scales
+        allowed |= {QUANT_WEIGHT_DTYPES[manifest.quantization["method"]], "F32"}
+    if record["dtype"] not in allowed:
+        raise r.fail(f"{field}.dtype", f"is {record['dtype']}, not one of the state's dtypes {sorted(allowed)}")
     return spec

@@ -55,11 +55,13 @@ def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch
     return state
 
 
-def check_before_workers(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> None:
+def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor], dtype: torch.dtype,
+                         verify: bool) -> None:
     """What the driver checks before it starts any worker: `open_for_load`, and every rank's file headers
-    against the manifest and the model (the workers check their own again as they load)."""
-    state = open_for_load(directory, specs, dtype, verify)
-    needs = {name: (spec.local_shape(), dtype) for name, spec in specs.items()}
+    against the manifest and the model's parameters (`params`, on the meta device, each with its `.spec`;
+    the workers check their own again as they load)."""
+    state = open_for_load(directory, {name: p.spec for name, p in params.items()}, dtype, verify)
+    needs = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
     with ReadAccount() as account:
         for rank in range(state.tp_size):
             index_rank(state, rank, needs, account)

@@ -23,6 +23,8 @@ from shardstate.models.qwen2_moe import Qwen2MoeForCausalLM
 from shardstate.models.qwen3 import Qwen3ForCausalLM
 from shardstate.models.qwen3_moe import Qwen3MoeForCausalLM
 from shardstate.parallel.distributed import TPGroup
+from shardstate.quant.apply import declare_quantized
+from shardstate.quant.methods import method_named
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir, open_model_dir
 
@@ -56,29 +58,47 @@ class OpenedModel:
 
     directory: ModelDir
     config: ModelConfig
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's compute dtype (embeddings, norms, unquantized weights)
+    quantization: str | None = None  # what MODEL's files hold: a quantized sharded state's method
 
     def build_on_meta(self, group: TPGroup) -> DecoderForCausalLM:
-        return build_on_meta(self.config, group, self.dtype)
+        return build_on_meta(self.config, group, self.dtype, self.quantization)
 
     def specs(self, tp_size: int) -> dict[str, ShardSpec]:
         """Parameter name -> spec at `tp_size` (the same for every rank)."""
         return self.build_on_meta(TPGroup(0, tp_size)).shard_specs()
 
 
+def quantize_after_load(model: OpenedModel, quantize: str | None) -> str | None:
+    """The method to quantize with after load: `quantize`, unless MODEL's files are quantized already (the
+    same method: nothing to do; another: refused)."""
+    stored = model.quantization
+    if stored is not None and quantize not in (None, stored):
+        raise ShardstateError(f"the state is quantized with {stored}; --quantize {quantize} would quantize it twice",
+                              model.directory.path, f"drop --quantize, or pass --quantize {stored}")
+    return None if stored is not None or quantize is None else method_named(quantize).name
+
+
 def open_model(model: str | Path | ModelDir, dtype: str | None = None) -> OpenedModel:
     """Open MODEL once: config.json (its family's parser), a sharded state's manifest, the dtype to run
-    (`dtype`; else a sharded state's, config.json's or the weights')."""
+    (`dtype`; else a sharded state's, config.json's or the weights'), a quantized state's method."""
     directory = model if isinstance(model, ModelDir) else open_model_dir(model)
     config = parse_config(directory.config, directory.config_bytes, directory.config_path)
-    return OpenedModel(directory, config, resolve_dtype(dtype, config, directory))
+    manifest = directory.state.manifest if directory.state is not None else None
+    stored = manifest.quantization["method"] if manifest is not None and manifest.quantization else None
+    return OpenedModel(directory, config, resolve_dtype(dtype, config, directory), stored)
 
 
-def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype) -> DecoderForCausalLM:
-    """The rank's model with shapes and specs but no storage (nothing allocated, nothing initialised)."""
+def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype,
+                  quantization: str | None = None) -> DecoderForCausalLM:
+    """The rank's model with shapes and specs but no storage (nothing allocated, nothing initialised);
+    with `quantization`, the parameters a quantized state holds (quant/)."""
     config.check_tp_size(group.size)
     with torch.device("meta"):
-        return FAMILIES[config.architecture](config, group, dtype)
+        model = FAMILIES[config.architecture](config, group, dtype)
+    if quantization is not None:
+        declare_quantized(model, method_named(quantization))
+    return model
 
 
 def _gb(n: int) -> str:

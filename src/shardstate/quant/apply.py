@@ -5,6 +5,7 @@ maxima first, so every rank's scales are those of the whole row."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from shardstate.parallel.distributed import TPGroup
@@ -41,24 +42,44 @@ def scale_spec(spec: ShardSpec) -> ShardSpec:
     return ShardSpec(tuple(parts), spec.tp_size, spec.join_dim, spec.experts)
 
 
-def quantize_module(module: nn.Module, name: str, method: QuantMethod, group: TPGroup) -> None:
-    weight = getattr(module, name)
-    absmax = row_absmax(weight)
-    if splits_input_dim(weight.spec):
-        group.all_reduce_max(absmax)
-    scale = method.scales(absmax)
-    setattr(module, name, spec_parameter(method.quantize(weight, scale), weight.spec))
-    setattr(module, f"{name}_scale", spec_parameter(scale, scale_spec(weight.spec)))
-
-
-def quantize_linear_weights(model: nn.Module, method: QuantMethod, group: TPGroup) -> None:
-    """Every column/row-parallel linear weight and fused expert weight of `model`; embeddings, the LM head,
-    norms and routers keep the model dtype."""
+def quantizable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, parameter name) of every column/row-parallel linear weight and fused expert weight;
+    embeddings, the LM head, norms and routers keep the model dtype."""
     kept = (ReplicatedLinear, ParallelLMHead, RMSNorm, VocabParallelEmbedding)
-    for module in list(model.modules()):
+    found = []
+    for module in model.modules():
         if isinstance(module, kept):
             continue
         for name in QUANTIZED_NAMES:
-            param = module._parameters.get(name)
-            if param is not None and (isinstance(module, ShardedWeight) or name != "weight"):
-                quantize_module(module, name, method, group)
+            if module._parameters.get(name) is not None and (isinstance(module, ShardedWeight) or name != "weight"):
+                found.append((module, name))
+    return found
+
+
+def quantize_linear_weights(model: nn.Module, method: QuantMethod, group: TPGroup) -> None:
+    """Quantize the loaded weights in place: each keeps its name and spec and gains `<name>_scale`."""
+    for module, name in quantizable(model):
+        weight = getattr(module, name)
+        absmax = row_absmax(weight)
+        if splits_input_dim(weight.spec):
+            group.all_reduce_max(absmax)
+        scale = method.scales(absmax)
+        setattr(module, name, spec_parameter(method.quantize(weight, scale), weight.spec))
+        setattr(module, f"{name}_scale", spec_parameter(scale, scale_spec(weight.spec)))
+
+
+def declare_quantized(model: nn.Module, method: QuantMethod) -> None:
+    """Give a model (on the meta device) the parameters a quantized state holds: what
+    `quantize_linear_weights` makes, in the same order, without values."""
+    for module, name in quantizable(model):
+        weight = getattr(module, name)
+        quantized = torch.empty(weight.shape, dtype=method.dtype, device=weight.device)
+        scale = torch.empty((*weight.shape[:-1], 1), dtype=torch.float32, device=weight.device)
+        setattr(module, name, spec_parameter(quantized, weight.spec))
+        setattr(module, f"{name}_scale", spec_parameter(scale, scale_spec(weight.spec)))
+
+
+def quantize_whole(tensor: torch.Tensor, method: QuantMethod) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole checkpoint tensor's quantized values and scales (offline: every row is whole)."""
+    scale = method.scales(row_absmax(tensor))
+    return method.quantize(tensor, scale), scale

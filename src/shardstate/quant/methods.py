@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.format.manifest import QUANT_WEIGHT_DTYPES
+from shardstate.format.safetensors_header import DTYPES
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,8 @@ class QuantMethod:
         return scaled.round().to(self.dtype) if self.name == "int8" else scaled.to(self.dtype)
 
 
-METHODS = {"int8": QuantMethod("int8", torch.int8, 127.0),
-           "fp8": QuantMethod("fp8", torch.float8_e4m3fn, torch.finfo(torch.float8_e4m3fn).max)}
+METHODS = {"int8": QuantMethod("int8", DTYPES[QUANT_WEIGHT_DTYPES["int8"]], 127.0),
+           "fp8": QuantMethod("fp8", DTYPES[QUANT_WEIGHT_DTYPES["fp8"]], torch.finfo(torch.float8_e4m3fn).max)}
 
 
 def method_named(name: str) -> QuantMethod:

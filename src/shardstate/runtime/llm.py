@@ -21,9 +21,15 @@ from shardstate.format.manifest import PP1_PATTERN, check_pattern, new_state_id
 from shardstate.io.engine import IO_MODES
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
-from shardstate.models import OpenedModel, check_generation_fits, check_parameters_fit, open_model
+from shardstate.models import (
+    OpenedModel,
+    build_on_meta,
+    check_generation_fits,
+    check_parameters_fit,
+    open_model,
+    quantize_after_load,
+)
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
-from shardstate.quant.methods import method_named
 from shardstate.runtime.lifeline import lifeline, sigint_ignored
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
@@ -92,10 +98,11 @@ class LLM:
         quantize: str | None = None,
     ) -> None:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
-        self.quantize = None if quantize is None else method_named(quantize).name
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
         opened = model if isinstance(model, OpenedModel) else open_model(model, dtype)
+        self.quantize = quantize_after_load(opened, quantize)
+        self.quantization = opened.quantization or self.quantize  # what the live weights are
         self.model_dir = opened.directory.path  # absolute: the workers' working directory is fixed when they start
         self.config = opened.config
         self.config.check_tp_size(tensor_parallel_size)
@@ -105,10 +112,11 @@ class LLM:
         self._model_dtype = opened.dtype
         meta_model = opened.build_on_meta(TPGroup(0, tensor_parallel_size))
         check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
-        self._specs = meta_model.shard_specs()  # the same for every rank
         self.timeout = timeout
         if load_format == "sharded":  # refuse a bad state before any worker starts
-            check_before_workers(opened.directory, self._specs, self._model_dtype, verify)
+            check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify)
+        live = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype, self.quantization)
+        self._live_params = dict(live.named_parameters())  # what `save` writes (the same names on every rank)
         args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -223,17 +231,14 @@ class LLM:
         """Each worker writes its own live parameters to `path` (vLLM's file pattern by default, parts
         rolling over at `max_size` bytes); the manifest goes last and the directory appears atomically.
         Returns the file names written."""
-        if self.quantize is not None:
-            raise ShardstateError(f"saving a state quantized after load ({self.quantize}) is not supported yet", None,
-                                  "save without --quantize")
         pattern = check_pattern(pattern or PP1_PATTERN)
         out = Path(path)
         state_id = new_state_id()
         with staged_output(out, self.model_dir, force) as tmp:
             written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
                                  state_id=state_id)
-            plan = StatePlan.make(self._specs, self._model_dtype, self.config.num_hidden_layers, max_size, state_id,
-                                  pattern)
+            plan = StatePlan.make(self._live_params, self._model_dtype, self.config.num_hidden_layers, max_size,
+                                  state_id, pattern, self.quantization)
             sources = find_weight_files(self.model_dir)
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
         return sorted(manifest.files)

@@ -43,6 +43,7 @@ class WorkerArgs:
 
 class Worker:
     def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int):
+        self.args = args
         self.config = args.model.config
         self.rank = group.rank
         self.model = args.model.build_on_meta(group)
@@ -62,9 +63,9 @@ class Worker:
     def save(self, directory: str, pattern: str, max_part_bytes: int, state_id: str) -> dict:
         """Write this rank's live parameters (each distinct tensor once) as its part files; return what the
         manifest needs (RankWriter.result())."""
-        dtype = next(self.model.parameters()).dtype
-        plan = StatePlan.make(self.model.shard_specs(), dtype, self.config.num_hidden_layers, max_part_bytes,
-                              state_id, pattern)
+        model = self.args.model
+        plan = StatePlan.make(dict(self.model.named_parameters()), model.dtype, self.config.num_hidden_layers,
+                              max_part_bytes, state_id, pattern, model.quantization or self.args.quantize)
         writer = plan.writer(Path(directory), self.rank)
         try:
             for name, param in self.model.named_parameters():

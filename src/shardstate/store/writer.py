@@ -16,6 +16,7 @@ from shardstate.format.manifest import (
     CONSTANT_SPEC,
     MANIFEST_NAME,
     PP1_PATTERN,
+    QUANT_SCALES,
     Manifest,
     check_pattern,
     is_plain_name,
@@ -36,21 +37,25 @@ class StatePlan:
     """Which tensors each rank's files hold, in which order and which part (the same for every rank)."""
 
     specs: dict[str, ShardSpec]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's compute dtype (the manifest's `dtype`)
     parts: list[list[OutTensor]]
     scales: list[OutTensor]
     pattern: str
     state_id: str  # new_state_id() once per state: every rank's writer records the same
+    quantization: str | None = None  # the method quantized weights were made with
 
     @classmethod
     def make(
-        cls, specs: dict[str, ShardSpec], dtype: torch.dtype, num_layers: int, max_part_bytes: int,
-        state_id: str, pattern: str = PP1_PATTERN,
+        cls, params: dict[str, torch.Tensor], dtype: torch.dtype, num_layers: int, max_part_bytes: int,
+        state_id: str, pattern: str = PP1_PATTERN, quantization: str | None = None,
     ) -> StatePlan:
+        """`params`: a rank's parameters by name (live, or on the meta device), each carrying its `.spec`;
+        each is written in its own dtype."""
         scales = [OutTensor(n, torch.float32, ()) for n in vllm_scale_names(num_layers)]
-        params = [OutTensor(n, dtype, s.local_shape()) for n, s in specs.items()]
-        parts = split_into_parts(params + scales, max_part_bytes)
-        return cls(specs, dtype, parts, scales, check_pattern(pattern), state_id)
+        tensors = [OutTensor(n, p.dtype, p.spec.local_shape()) for n, p in params.items()]
+        parts = split_into_parts(tensors + scales, max_part_bytes)
+        specs = {n: p.spec for n, p in params.items()}
+        return cls(specs, dtype, parts, scales, check_pattern(pattern), state_id, quantization)
 
     @property
     def tp_size(self) -> int:
@@ -99,6 +104,7 @@ def complete_state(
         files={name: record for rank in written for name, record in rank["files"].items()},
         tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
         pattern=plan.pattern,
+        quantization=None if plan.quantization is None else {"method": plan.quantization, "scales": QUANT_SCALES},
     )
     write_manifest(directory, manifest)
     return manifest
