@@ -183,3 +183,16 @@ def test_stale_partial_of_a_dead_process_is_removed(tmp_path, monkeypatch):
     monkeypatch.setattr("shardstate.smollm2.check_converted", lambda model_dir: None)
     assert ensure_smollm2(tmp_path) == tmp_path / CHECKPOINT_NAME
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, CHECKPOINT_NAME])
+
+
+@pytest.mark.slow
+def test_quantized_states_of_the_real_model_still_answer(tmp_path):
+    """`bench --quantized`'s rows: int8 and fp8 states at TP=3 read fewer bytes per rank than bf16 and still
+    say " Paris"; int8 keeps most greedy tokens of the bf16 run (the figures are reported, not asserted)."""
+    from shardstate.benchmark.quantized import run_quantized
+
+    rows = {r["method"]: r for r in run_quantized(tmp_path / "out", cache_dir(), tp=3, states_root=tmp_path)}
+    for method in ("int8", "fp8"):
+        assert rows[method]["texts"][0].startswith(" Paris"), rows[method]["texts"][0]
+        assert max(rows[method]["bytes_per_rank"]) < 0.7 * max(rows["bf16"]["bytes_per_rank"])
+    assert rows["bf16"]["token_agreement"] == 1.0

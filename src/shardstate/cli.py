@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true", help="a tiny model: checks the harness, times nothing")
     bench.add_argument("--families", action="store_true",
                        help="instead: bytes per rank and load time of every model family (at the first --tp)")
+    bench.add_argument("--quantized", action="store_true",
+                       help="instead: bf16, int8 and fp8 states of the demo model (at the first --tp): bytes per "
+                            "rank, load time, peak RSS, greedy tokens equal to bf16")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -250,6 +253,12 @@ def run_bench(args: argparse.Namespace) -> None:
     from shardstate.benchmark import run_bench as bench
     from shardstate.demo import cache_dir
 
+    if args.quantized:
+        from shardstate.benchmark.quantized import run_quantized
+
+        rows = run_quantized(args.out, args.cache_dir or cache_dir(), args.tp[0])
+        print(f"wrote {args.out}/quantized.json, quantized.md ({len(rows)} states)")
+        return
     if args.families:
         from shardstate.benchmark.families import run_families
 
