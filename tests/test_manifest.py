@@ -108,6 +108,10 @@ CASES = {
     "rank missing from tensors": (edit_manifest(drop_rank), "manifest field 'tensors' has ranks ['0'], not 0..1"),
     "dtype that disagrees with the files": (
         edit_manifest(lambda d: d.update(dtype="BF16")), ".dtype is F32, not one of the state's dtypes ['BF16']"),
+    "quantized version 1": (
+        edit_manifest(lambda d: d.update({**as_version_1(d), "quantization": {"method": "int8",
+                                                                              "scales": "per-output-channel"}})),
+        "version 1 states are never quantized"),
     "malformed spec": (edit_manifest(lambda d: pad_q(d, 65)), "65 (padded from 64) does not cut into 2 chunks"),
     "spec of another layout": (
         edit_manifest(lambda d: d["tensors"]["0"][QKV]["spec"]["parts"].reverse()),  # [v; k; q]: same shape

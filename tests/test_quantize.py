@@ -157,3 +157,23 @@ def test_save_quantized_at_tp4_equals_convert(checkpoint, tmp_path):
     assert files == sorted(p.name for p in (tmp_path / "saved").glob("*.safetensors"))
     for file in files:
         assert_same_but_state_id(tmp_path / "saved" / file, tmp_path / "direct" / file)
+
+
+def test_quantizing_after_a_sharded_load_frees_the_load_buffer(checkpoint, tmp_path):
+    """The sharded loader's parameters are views of one read buffer; after quantizing, no parameter keeps
+    a bigger storage alive (the unquantized weights' bytes are gone)."""
+    from shardstate.loaders import load_weights
+    from shardstate.models import open_model
+    from shardstate.parallel.distributed import TPGroup
+    from shardstate.parallel.layers import materialize
+    from shardstate.quant.apply import quantize_linear_weights
+    from shardstate.quant.methods import method_named
+
+    convert(checkpoint("llama"), tmp_path / "tp1", 1)
+    model = open_model(tmp_path / "tp1")
+    rank_model = model.build_on_meta(TPGroup(0, 1))
+    materialize(rank_model, torch.device("cpu"))
+    load_weights("sharded", rank_model, model.directory, 0)
+    assert any(p.untyped_storage().nbytes() > p.numel() * p.element_size() for p in rank_model.parameters())
+    quantize_linear_weights(rank_model, method_named("int8"), TPGroup(0, 1))
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in rank_model.parameters())

@@ -106,7 +106,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info))
         return
-    print(f"{args.dir}: {info['format']}, {info['architecture']}, {info['dtype']}, TP={info['tp_size']} "
+    quantized = f" ({info['quantization']['method']} linear weights)" if info["quantization"] else ""
+    print(f"{args.dir}: {info['format']}, {info['architecture']}, {info['dtype']}{quantized}, TP={info['tp_size']} "
           f"PP={info['pp_size']}, {info['total_bytes'] / 1e6:.1f} MB")
     for rank in info["ranks"]:
         print(f"  rank {rank['rank']}: {rank['tensors']} tensors, {rank['bytes'] / 1e6:.1f} MB")

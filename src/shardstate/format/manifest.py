@@ -240,6 +240,8 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
     if pattern is None:
         raise r.fail("'pattern'", f"is {brief(doc['pattern'])}, not a file-name pattern with {{rank}} and {{part}}")
     quantization = doc["quantization"]
+    if quantization is not None and version == 1:
+        raise r.fail("'quantization'", f"is {brief(quantization)}: version 1 states are never quantized")
     if quantization is not None:
         r.obj("'quantization'", quantization, {"method", "scales"})
         if quantization["method"] not in QUANT_WEIGHT_DTYPES or quantization["scales"] != QUANT_SCALES:

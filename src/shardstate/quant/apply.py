@@ -66,6 +66,16 @@ def quantize_linear_weights(model: nn.Module, method: QuantMethod, group: TPGrou
         scale = method.scales(absmax)
         setattr(module, name, spec_parameter(method.quantize(weight, scale), weight.spec))
         setattr(module, f"{name}_scale", spec_parameter(scale, scale_spec(weight.spec)))
+    release_load_buffers(model)
+
+
+def release_load_buffers(model: nn.Module) -> None:
+    """The sharded loader makes parameters views of the memory it read into; once the linear weights are
+    quantized copies, the parameters kept as loaded (norms, embeddings) would hold that whole buffer alive:
+    copy them out of it."""
+    for param in model.parameters():
+        if param.untyped_storage().nbytes() > param.numel() * param.element_size():
+            param.data = param.data.clone()
 
 
 def declare_quantized(model: nn.Module, method: QuantMethod) -> None:

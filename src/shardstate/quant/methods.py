@@ -23,7 +23,9 @@ class QuantMethod:
     def scales(self, row_absmax: torch.Tensor) -> torch.Tensor:
         """fp32 scales [..., N, 1] from each output row's max |w| (an all-zero row gets scale 1)."""
         absmax = row_absmax.float().unsqueeze(-1)
-        return torch.where(absmax > 0, absmax / self.qmax, torch.ones_like(absmax))
+        # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal (one bit off the
+        # CPU's exact division), and workers on GPUs must write the bytes the offline converter does
+        return torch.where(absmax > 0, absmax / torch.full_like(absmax, self.qmax), torch.ones_like(absmax))
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         scaled = (weight.float() / scale).clamp(-self.qmax, self.qmax)
