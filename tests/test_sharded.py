@@ -342,3 +342,10 @@ def test_tied_weight_is_saved_as_vllm_names_it_and_earlier_states_still_load(che
     convert(src, tmp_path / "direct", 1)
     for file in resharded.files:
         assert_same_but_state_id(tmp_path / "tp1" / file, tmp_path / "direct" / file)
+
+
+@pytest.mark.parametrize("load_format", ["default", "sliced"])
+def test_hf_load_formats_on_a_sharded_state_say_which_to_use(sharded_tp2, load_format):
+    result = shardstate("generate", str(sharded_tp2), "--tp", "2", "--load-format", load_format, "--prompt-ids", "1")
+    assert_one_error(result, f"--load-format {load_format} reads Hugging Face checkpoints; this is a sharded state")
+    assert "use --load-format sharded (or auto)" in result.stderr

@@ -25,6 +25,9 @@ def resolve_load_format(load_format: str, directory: ModelDir) -> str:
         return "default" if directory.state is None else "sharded"
     if load_format not in LOADERS:
         raise ShardstateError(f"unknown load format '{load_format}'", None, f"use one of {', '.join(LOAD_FORMATS)}")
+    if load_format != "sharded" and directory.state is not None:
+        raise ShardstateError(f"--load-format {load_format} reads Hugging Face checkpoints; this is a sharded state",
+                              directory.path, "use --load-format sharded (or auto)")
     return load_format
 
 
