@@ -49,6 +49,14 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def write_rows(out_dir: Path, stem: str, rows: list[dict], table: str) -> list[dict]:
+    """A benchmark's rows as `stem`.json and its markdown table as `stem`.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / f"{stem}.md").write_text(table)
+    return rows
+
+
 def ensure_model(root: Path, smoke: bool) -> Path:
     from shardstate.synthetic import make_llama_checkpoint
 

@@ -4,13 +4,12 @@ hundred MB made with transformers (`--smoke`: tiny ones). Writes families.json a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from shardstate.benchmark import say, shardstate_run
+from shardstate.benchmark import say, shardstate_run, write_rows
 from shardstate.convert import convert
 from shardstate.synthetic import make_checkpoint
 
@@ -67,10 +66,7 @@ def run_families(out_dir: Path, cache_root: Path, tp: int = 2, smoke: bool = Fal
             rows.append(row)
             say(f"{architecture} TP={tp} {name}: {row['seconds']:.3f}s, "
                 f"{max(row['bytes_per_rank']) / 1e6:.1f} MB per rank of {checkpoint_bytes / 1e6:.1f} MB")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "families.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "families.md").write_text(families_table(rows))
-    return rows
+    return write_rows(out_dir, "families", rows, families_table(rows))
 
 
 def families_table(rows: list[dict]) -> str:

@@ -5,10 +5,9 @@ quantized.json and quantized.md."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from shardstate.benchmark import say
+from shardstate.benchmark import say, write_rows
 from shardstate.convert import convert
 from shardstate.runtime.llm import LLM
 from shardstate.smollm2 import ensure_smollm2
@@ -45,10 +44,7 @@ def run_quantized(out_dir: Path, cache_root: Path, tp: int = 3, states_root: Pat
         rows.append(row)
         say(f"{row['method']} TP={tp}: {row['seconds']:.3f}s, {max(row['bytes_per_rank']) / 1e6:.1f} MB per rank, "
             f"{row['token_agreement']:.0%} of greedy tokens equal to bf16; {PROMPTS[0]!r} ->{row['texts'][0]!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quantized.json").write_text(json.dumps(rows, indent=1))
-    (out_dir / "quantized.md").write_text(quantized_table(rows))
-    return rows
+    return write_rows(out_dir, "quantized", rows, quantized_table(rows))
 
 
 def quantized_table(rows: list[dict]) -> str:

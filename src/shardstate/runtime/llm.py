@@ -115,7 +115,8 @@ class LLM:
         self.timeout = timeout
         if load_format == "sharded":  # refuse a bad state before any worker starts
             check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify)
-        live = build_on_meta(self.config, TPGroup(0, tensor_parallel_size), self._model_dtype, self.quantization)
+        live = meta_model if self.quantize is None else build_on_meta(
+            self.config, TPGroup(0, tensor_parallel_size), self._model_dtype, self.quantization)
         self._live_params = dict(live.named_parameters())  # what `save` writes (the same names on every rank)
         args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize)
         context = mp.get_context("spawn")
