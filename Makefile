@@ -33,7 +33,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_interop.py
+	$(VLLM_VENV)/bin/python -m pytest -q -rP -m vllm tests/test_vllm_interop.py tests/test_vllm_quantized.py
 
 # Load-time benchmark (~2.4 GB model made once); vLLM is measured too when .venv-vllm exists (make test-vllm).
 bench: $(STAMP)

@@ -35,6 +35,12 @@ def test_bench_smoke(tmp_path):
     assert {tuple(r["tokens"]) for r in results["runs"] if r.get("shardstate")} == {tuple(sharded["tokens"])}
     assert [(c["tp"], c["io"]) for c in results["verify_cost"]] == [(2, "read"), (2, "mmap")]
     assert [c["tp"] for c in results["convert"]] == [2]
+    quantized = {(r["method"], r["cache"]): r for r in results["quantized"]}
+    assert set(quantized) == {(m, c) for m in ("bf16", "int8", "fp8") for c in ("warm", "cold")}
+    for cache in ("warm", "cold"):  # quantized states read fewer bytes (the tiny model's embeddings stay bf16)
+        bf16 = quantized["bf16", cache]["bytes_per_rank"]
+        assert all(q < b for q, b in zip(quantized["int8", cache]["bytes_per_rank"], bf16, strict=True))
+    assert "| fp8 | cold |" in (tmp_path / "out" / "quantized-loads.md").read_text()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ whatever the TP size (row-parallel ranks agree on whole-row scales)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,28 +16,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import checkpoint_maker, transformers_greedy
+from quant_reference import KEPT, fake_quantized
+from rank_files import rank_tensors
 from shardstate import LLM
 from shardstate.convert import convert
 from test_sharded import assert_same_but_state_id
 
 PROMPTS = [[1, 5, 9, 33, 7, 120, 3, 4], [4, 100, 2, 8], [150]]
 STEPS = 6
-QMAX = {"int8": 127.0, "fp8": torch.finfo(torch.float8_e4m3fn).max}
-KEPT = ("embed_tokens", "lm_head", "norm", ".gate.weight", "shared_expert_gate")  # not quantized
 FAMILIES = {
     "llama": ("LlamaForCausalLM", {}),
     "qwen2-moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                           "shared_expert_intermediate_size": 48}),
 }
-
-
-def fake_quantized(weight: torch.Tensor, method: str) -> torch.Tensor:
-    """The reference: per output row, scale = max|w| / qmax; round (int8) or cast (fp8); back to fp32."""
-    absmax = weight.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / QMAX[method], torch.ones_like(absmax))
-    q = (weight / scale).clamp(-QMAX[method], QMAX[method])
-    q = q.round() if method == "int8" else q.to(torch.float8_e4m3fn).float()
-    return q * scale
 
 
 def reference_checkpoint(src: Path, out: Path, method: str) -> Path:
@@ -177,3 +169,65 @@ def test_quantizing_after_a_sharded_load_frees_the_load_buffer(checkpoint, tmp_p
     assert any(p.untyped_storage().nbytes() > p.numel() * p.element_size() for p in rank_model.parameters())
     quantize_linear_weights(rank_model, method_named("int8"), TPGroup(0, 1))
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in rank_model.parameters())
+
+
+def test_a_quantized_state_for_vllm(checkpoint, tmp_path):
+    """`--for-vllm`: config.json gains the compressed-tensors quantization_config vLLM needs (W8A8 on channel
+    weights; the unquantized linear layers ignored) and each attention layer vLLM's KV-cache placeholders;
+    the weights are those of a plain quantized state; save writes what convert does; a reshard keeps it."""
+    src = checkpoint("qwen2-moe")
+    convert(src, tmp_path / "plain", 2, quantize="int8")
+    convert(src, tmp_path / "vllm", 2, quantize="int8", for_vllm=True)
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    quantization = config.pop("quantization_config")
+    assert config == json.loads((src / "config.json").read_text())
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
+    assert quantization == {
+        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"],
+                                      "weights": {**int8, "strategy": "channel", "dynamic": False},
+                                      "input_activations": {**int8, "strategy": "token", "dynamic": True}}},
+        "ignore": ["lm_head", r"re:model\.layers\.\d+\.mlp\.experts\._shared_experts\._layer\.expert_gate$",
+                   r"re:model\.layers\.\d+\.mlp\.gate$"],  # vLLM 0.32's names of the shared-expert gate, router
+    }
+    manifest = json.loads((tmp_path / "vllm" / "shardstate.json").read_text())
+    assert manifest["config_sha256"] == hashlib.sha256((tmp_path / "vllm" / "config.json").read_bytes()).hexdigest()
+    for rank in range(2):
+        plain, ours = rank_tensors(tmp_path / "plain", rank), rank_tensors(tmp_path / "vllm", rank)
+        extra = {k: ours.pop(k) for k in set(ours) - set(plain)}
+        placeholders = ("q_scale", "k_scale", "v_scale", "q_zero_point", "k_zero_point", "v_zero_point")
+        assert set(extra) == {f"model.layers.{n}.self_attn.attn.{s}" for n in range(2) for s in placeholders}
+        for name, tensor in extra.items():
+            assert tensor.dtype == torch.float32 and tensor.tolist() == [0.0 if "zero" in name else 1.0]
+        assert ours.keys() == plain.keys() and all(ours[k].view(-1).view(torch.uint8).equal(
+            plain[k].view(-1).view(torch.uint8)) for k in ours)
+    with LLM(src, tensor_parallel_size=2, quantize="int8") as llm:
+        llm.save_sharded_state(tmp_path / "saved", for_vllm=True)
+    assert (tmp_path / "saved" / "config.json").read_bytes() == (tmp_path / "vllm" / "config.json").read_bytes()
+    for file in sorted(p.name for p in (tmp_path / "vllm").glob("*.safetensors")):
+        assert_same_but_state_id(tmp_path / "saved" / file, tmp_path / "vllm" / file)
+    convert(tmp_path / "vllm", tmp_path / "re1", 1)
+    assert (tmp_path / "re1" / "config.json").read_bytes() == (tmp_path / "vllm" / "config.json").read_bytes()
+    assert "model.layers.1.self_attn.attn.v_zero_point" in rank_tensors(tmp_path / "re1", 0)
+    with LLM(tmp_path / "re1", tensor_parallel_size=1) as a, LLM(tmp_path / "plain", tensor_parallel_size=2) as b:
+        assert ([o.token_ids for o in a.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)]
+                == [o.token_ids for o in b.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)])
+
+
+def test_for_vllm_and_quantized_checkpoints_refused(checkpoint, tmp_path):
+    src = checkpoint("llama")
+    prequantized = tmp_path / "fp8-hf"
+    prequantized.mkdir()
+    for file in src.iterdir():
+        (prequantized / file.name).write_bytes(file.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (prequantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    bin_dir = Path(sys.executable).parent
+    for args, expected in (
+        (["convert", str(src), str(tmp_path / "out"), "--tp", "2", "--for-vllm"], "--for-vllm is for quantized states"),
+        (["convert", str(prequantized), str(tmp_path / "out"), "--tp", "2", "--quantize", "int8"],
+         "config.json declares a quantization_config ('fp8')"),
+    ):
+        result = subprocess.run([bin_dir / "shardstate", *args], capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

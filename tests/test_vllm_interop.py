@@ -19,8 +19,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from safetensors.torch import load_file
-
+from rank_files import rank_file_differences
 from shardstate.convert import convert
 from shardstate.synthetic import make_checkpoint
 
@@ -111,16 +110,6 @@ def shardstate_tokens(model_dir: Path) -> list[list[int]]:
     return [o["token_ids"] for o in json.loads(result.stdout)["outputs"]]
 
 
-def rank_tensors(root: Path, rank: int) -> dict:
-    tensors = {}
-    for path in sorted(root.glob(f"model-rank-{rank}-part-*.safetensors")):
-        for key, tensor in load_file(path).items():
-            assert key not in tensors, f"{key} twice in {root.name} rank {rank}"
-            tensors[key] = tensor
-    assert tensors, f"no files of rank {rank} in {root}"
-    return tensors
-
-
 def test_vllm_loads_shardstate_convert_output(vllm_reference, converted, checkpoint):
     tokens, _ = vllm_reference
     loaded = vllm("generate", str(converted), "--tp", str(TP), "--load-format", "sharded_state", *prompt_args())
@@ -138,18 +127,5 @@ def test_rank_files_hold_what_vllms_hold(vllm_reference, converted):
     """Key by key: the same names, shapes, dtypes and bytes in shardstate's rank files as in vLLM's (vLLM's
     state is in fp32 like the source, so the values are the source's, sliced the same way)."""
     _, saved = vllm_reference
-    problems = []
-    for rank in range(TP):
-        ours, theirs = rank_tensors(converted, rank), rank_tensors(saved, rank)
-        for key in sorted(ours.keys() - theirs.keys()):
-            problems.append(f"rank {rank}: only shardstate has {key} {list(ours[key].shape)} {ours[key].dtype}")
-        for key in sorted(theirs.keys() - ours.keys()):
-            problems.append(f"rank {rank}: only vLLM has {key} {list(theirs[key].shape)} {theirs[key].dtype}")
-        for key in sorted(ours.keys() & theirs.keys()):
-            a, b = ours[key], theirs[key]
-            if a.shape != b.shape or a.dtype != b.dtype:
-                problems.append(f"rank {rank}: {key} shardstate {list(a.shape)} {a.dtype}, "
-                                f"vLLM {list(b.shape)} {b.dtype}")
-            elif not a.equal(b):
-                problems.append(f"rank {rank}: {key} {list(a.shape)} values differ")
+    problems = rank_file_differences(converted, saved, TP)
     assert not problems, "\n".join(problems)

@@ -79,7 +79,7 @@ def run_convert(args: argparse.Namespace) -> None:
     from shardstate.convert import convert
 
     report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force,
-                     show_progress=False if args.json else None, quantize=args.quantize)
+                     show_progress=False if args.json else None, quantize=args.quantize, for_vllm=args.for_vllm)
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
         return
@@ -95,7 +95,8 @@ def run_save(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     check_output(args.out, args.src, args.force)  # before starting workers; checked again when publishing
     with start_llm(args.src, args) as llm:
-        files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force)
+        files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force,
+                                       for_vllm=args.for_vllm)
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
 
@@ -162,10 +163,15 @@ def start_llm(model: Path | OpenedModel, args: argparse.Namespace) -> LLM:
                verify=args.verify, timeout=args.timeout, quantize=getattr(args, "quantize", None))
 
 
-def add_quantize_option(parser: argparse.ArgumentParser) -> None:
+def add_quantize_option(parser: argparse.ArgumentParser, for_vllm: bool = False) -> None:
     parser.add_argument("--quantize", choices=sorted(METHODS), default=None,
                         help="weight-only int8 or fp8 linear weights, per-output-channel fp32 scales (a quantized "
                              "state keeps its method)")
+    if for_vllm:
+        parser.add_argument("--for-vllm", action="store_true",
+                            help="a quantized state also gets what vLLM's sharded_state loader needs: a "
+                                 "compressed-tensors quantization_config in config.json (W8A8: vLLM also "
+                                 "quantizes activations) and its KV-cache placeholder tensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE",
                       help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    add_quantize_option(conv)
+    add_quantize_option(conv, for_vllm=True)
     conv.add_argument("--json", action="store_true")
 
     save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
     save.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    add_quantize_option(save)
+    add_quantize_option(save, for_vllm=True)
     add_worker_options(save)
 
     checks = (("inspect", "what a sharded state holds"), ("verify", "check every file against the manifest"))
@@ -212,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: bytes per rank and load time of every model family (at the first --tp)")
     bench.add_argument("--quantized", action="store_true",
                        help="instead: bf16, int8 and fp8 states of the demo model (at the first --tp): bytes per "
-                            "rank, load time, peak RSS, greedy tokens equal to bf16")
+                            "rank, load time, peak RSS, greedy tokens equal to bf16; and of the benchmark model: "
+                            "bytes per rank, load time (warm, cold), peak RSS")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -255,10 +262,12 @@ def run_bench(args: argparse.Namespace) -> None:
     from shardstate.demo import cache_dir
 
     if args.quantized:
-        from shardstate.benchmark.quantized import run_quantized
+        from shardstate.benchmark.quantized import run_quantized, run_quantized_loads
 
         rows = run_quantized(args.out, args.cache_dir or cache_dir(), args.tp[0])
-        print(f"wrote {args.out}/quantized.json, quantized.md ({len(rows)} states)")
+        loads = run_quantized_loads(args.out, args.cache_dir or cache_dir() / "bench", args.tp[0], args.smoke)
+        print(f"wrote {args.out}/quantized.json, quantized.md ({len(rows)} states), quantized-loads.json, "
+              f"quantized-loads.md ({len(loads)} loads)")
         return
     if args.families:
         from shardstate.benchmark.families import run_families

@@ -30,6 +30,7 @@ MAX_HEADS = 4096  # attention and key/value heads
 MAX_HEAD_DIM = 4096
 MAX_POSITIONS = 1 << 24
 MAX_EXPERTS = 4096
+CONFIG_NAME = "config.json"
 DEFAULT_MAX_POSITIONS = 2048  # transformers' LlamaConfig default when config.json has none
 
 
@@ -123,7 +124,7 @@ def read_config_json(model_dir: str | Path) -> tuple[dict, bytes, Path]:
     """MODEL/config.json as a dict, its bytes and its path; one clear error for anything else."""
     if not Path(model_dir).is_dir():
         raise ShardstateError("not a directory", Path(model_dir), "pass a Hugging Face model directory")
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir) / CONFIG_NAME
     try:
         raw = read_regular(path)
     except FileNotFoundError:

@@ -41,9 +41,11 @@ def convert(
     force: bool = False,
     show_progress: bool | None = None,
     quantize: str | None = None,
+    for_vllm: bool = False,
 ) -> ConvertReport:
     """`show_progress` None: a progress line on stderr when it is a terminal. `quantize`: write the linear
-    weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized."""
+    weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized. `for_vllm`: a
+    quantized state also gets what vLLM's loader needs (quant/vllm.py)."""
     start = time.perf_counter()
     src, out = Path(src), Path(out)
     model = open_model(src, dtype)
@@ -56,7 +58,7 @@ def convert(
     quantization = model.quantization or quantize
     params = dict(build_on_meta(config, TPGroup(0, tp_size), torch_dtype, quantization).named_parameters())
     plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id(),
-                          quantization=quantization)
+                          model.state_config_json(quantization, for_vllm), quantization=quantization)
     with staged_output(out, src, force) as tmp, ReadAccount() as account:
         source: TensorSource = (
             CheckpointSource(src, model.specs(tp_size), account) if state is None else ShardedSource(model, account)

@@ -108,6 +108,19 @@ def raw_copy_seconds(source_files: list[Path], out_dir: Path) -> tuple[float, fl
     return read_s, write_s
 
 
+def warm_or_cold(files: list[Path], cache: str, every_file: list[Path] | None = None) -> int | None:
+    """Before a load: "cold" evicts `every_file` (default `files`) from the page cache, "warm" reads `files`
+    once. Returns how many bytes of `files` are then resident (None where that cannot be known)."""
+    if cache == "cold":
+        evict(every_file or files)
+    else:
+        for f in files:
+            with open(f, "rb", buffering=0) as handle:
+                while handle.read(16 << 20):
+                    pass
+    return resident_bytes(files)
+
+
 def summarize(per_rank: list[dict]) -> dict:
     seconds = max(r["seconds"] for r in per_rank)
     total = sum(r["bytes_read"] for r in per_rank)
@@ -184,14 +197,7 @@ def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tu
             files_by_rank = rank_files(sharded[tp])
 
             def prepare(files: list[Path], cache: str = cache) -> int | None:
-                if cache == "cold":
-                    evict(all_files)
-                else:  # warm: read once
-                    for f in files:
-                        with open(f, "rb", buffering=0) as handle:
-                            while handle.read(16 << 20):
-                                pass
-                return resident_bytes(files)
+                return warm_or_cold(files, cache, all_files)
 
             def record(name: str, result: dict, resident: int | None, tp: int = tp, cache: str = cache) -> None:
                 results["runs"].append({"name": name, "tp": tp, "cache": cache, "resident_before": resident,
@@ -228,6 +234,9 @@ def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tu
             record("transformers tp_plan=auto", outcome, resident)
     for tp in tp_sizes:
         results["verify_cost"].extend(verify_cost(sharded[tp], tp, rounds=1 if smoke else VERIFY_ROUNDS))
+    from shardstate.benchmark.quantized import run_quantized_loads
+
+    results["quantized"] = run_quantized_loads(out_dir, cache_root, 2 if 2 in tp_sizes else tp_sizes[0], smoke)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_reports(results, out_dir)

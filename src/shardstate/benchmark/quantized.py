@@ -1,13 +1,16 @@
-"""`shardstate bench --quantized`: the real demo model (SmolLM2-135M-Instruct) converted to bf16, int8 and
-fp8 sharded states at one TP size; each loaded by the sharded loader (warm page cache): bytes per rank,
-load seconds, peak RSS, and the share of greedy tokens equal to the bf16 run over a few prompts. Writes
-quantized.json and quantized.md."""
+"""Quantized states against the bf16 state, in two tables (`shardstate bench --quantized` writes both, `make
+bench` the second):
+- quantized.{json,md}: the real demo model (SmolLM2-135M-Instruct) as bf16, int8 and fp8 sharded states at one
+  TP size, loaded by the sharded loader (warm page cache): bytes per rank, load seconds, peak RSS, and the
+  share of greedy tokens equal to the bf16 run over a few prompts;
+- quantized-loads.{json,md}: the 2.4 GB benchmark model's bf16, int8 and fp8 states, warm and cold page
+  cache: bytes per rank, the slowest rank's load seconds against the bf16 state's, peak RSS per rank."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from shardstate.benchmark import say, write_rows
+from shardstate.benchmark import ensure_model, say, shardstate_run, warm_or_cold, weight_files, write_rows
 from shardstate.convert import convert
 from shardstate.runtime.llm import LLM
 from shardstate.smollm2 import ensure_smollm2
@@ -55,4 +58,35 @@ def quantized_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {max(r['bytes_per_rank']) / 1e6:.1f} | {r['seconds']:.3f} | "
                      f"{max(r['peak_rss']) / 1e6:.0f} | {r['token_agreement']:.0%} | {r['texts'][0]!r} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_quantized_loads(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) -> list[dict]:
+    """The benchmark model (made once under `cache_root`) as a bf16, int8 and fp8 state at `tp`, each loaded
+    by the sharded loader (`--io read`) with a warm and a cold page cache."""
+    model_dir = ensure_model(cache_root, smoke)
+    rows = []
+    for method in METHODS:
+        state = cache_root / f"{model_dir.name}-tp{tp}-{method or 'bf16'}"
+        convert(model_dir, state, tp, force=True, show_progress=False, quantize=method)
+        for cache in ("warm", "cold"):
+            warm_or_cold(weight_files(state), cache)
+            run = shardstate_run(state, tp, "sharded", "read", None)
+            rows.append({"method": method or "bf16", "tp": tp, "cache": cache, "seconds": run["seconds"],
+                         "bytes_per_rank": [r["bytes_read"] for r in run["per_rank"]],
+                         "peak_rss": [r["peak_rss"] for r in run["per_rank"]]})
+            say(f"[{cache} TP={tp}] {rows[-1]['method']} state: {run['seconds']:.3f}s, "
+                f"{max(rows[-1]['bytes_per_rank']) / 1e6:.0f} MB per rank")
+    return write_rows(out_dir, "quantized-loads", rows, quantized_loads_table(rows, model_dir.name))
+
+
+def quantized_loads_table(rows: list[dict], model: str) -> str:
+    bf16 = {r["cache"]: r for r in rows if r["method"] == "bf16"}
+    lines = [f"{model}, sharded loader (--io read) at TP={rows[0]['tp']}; seconds: the slowest rank's load.", "",
+             "| state | cache | MB per rank | load seconds | vs bf16 | peak RSS per rank (MB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["seconds"] / bf16[r["cache"]]["seconds"]
+        lines.append(f"| {r['method']} | {r['cache']} | {max(r['bytes_per_rank']) / 1e6:.0f} | {r['seconds']:.3f} | "
+                     f"{ratio:.2f}x | {max(r['peak_rss']) / 1e6:.0f} |")
     return "\n".join(lines) + "\n"

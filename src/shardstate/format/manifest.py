@@ -30,7 +30,8 @@ FORMAT_VERSION = 2  # written; 1 is still read (specs joined on dim 0, no region
 READ_VERSIONS = (1, 2)
 PP1_PATTERN = "model-rank-{rank}-part-{part}.safetensors"  # vLLM's, so vLLM can load the files
 CHECKSUM = "crc32"
-CONSTANT_SPEC = {"kind": "constant", "value": 1.0}  # vLLM's F32 scale scalars
+CONSTANT_KIND = "constant"  # a tensor vLLM's loader needs, every element `value` (its F32 scale scalars)
+CONSTANT_SHAPES = ([], [1])
 WRITER = "shardstate"
 QUANT_WEIGHT_DTYPES = {"int8": "I8", "fp8": "F8_E4M3"}  # quantization method -> its weights' dtype
 QUANT_SCALES = "per-output-channel"  # F32 `<weight>_scale` [..., N, 1] over each whole row
@@ -336,12 +337,22 @@ def _tensors(r: _Reader, value: object, manifest: Manifest) -> dict[str, dict[st
     return ranks
 
 
+def constant_spec(value: float) -> dict:
+    return {"kind": CONSTANT_KIND, "value": float(value)}
+
+
+def is_constant(spec: object) -> bool:
+    return isinstance(spec, dict) and spec.get("kind") == CONSTANT_KIND and set(spec) == {"kind", "value"}
+
+
 def _checked_spec(r: _Reader, field: str, record: dict, shape: list[int], manifest: Manifest) -> ShardSpec | None:
     """A parameter's spec: it parses, is for this TP size, gives the recorded shapes and has the state's
-    dtype. None for a constant scale, which must be F32 []."""
-    if record["spec"] == CONSTANT_SPEC:
-        if (record["dtype"], shape, record["global_shape"]) != ("F32", [], []):
-            raise r.fail(field, "is a constant but not an F32 scalar")
+    dtype. None for a constant: [] or [1], F32 or the state's dtype, the same on every rank."""
+    if is_constant(record["spec"]):
+        value = record["spec"].get("value")
+        if (shape not in CONSTANT_SHAPES or record["global_shape"] not in ([], shape)
+                or record["dtype"] not in ("F32", manifest.dtype) or type(value) is not float):
+            raise r.fail(field, "is a constant but not an F32 or state-dtype scalar [] or [1] with a float value")
         return None
     try:
         spec = spec_from_json(record["spec"], f"{field}.spec", manifest.version)

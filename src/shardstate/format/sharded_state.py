@@ -19,10 +19,10 @@ import torch
 from shardstate.errors import ShardstateError, brief, failing_as
 from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.manifest import (
-    CONSTANT_SPEC,
     MANIFEST_NAME,
     WRITER,
     Manifest,
+    is_constant,
     rank_file_metadata,
     read_manifest,
 )
@@ -178,7 +178,7 @@ def index_rank(
 ) -> dict[str, TensorLocation]:
     """Where each needed tensor of `rank` lies. Every file of the rank must exist; every tensor in it
     must appear once (and, with a manifest, be listed there for that file); needed tensors must have
-    exactly the shape and dtype asked for; the only others allowed are vLLM's constant scales."""
+    exactly the shape and dtype asked for; the only others allowed are the constants vLLM's loader needs."""
     listed = state.manifest.tensors[str(rank)] if state.manifest else None
     found: dict[str, TensorLocation] = {}
     for path in state.rank_paths(rank):
@@ -190,7 +190,7 @@ def index_rank(
         if state.manifest is not None:
             check_rank_file(state.manifest, path, header)
         for saved_name, entry in header.tensors.items():
-            listed_constant = listed is not None and listed[saved_name]["spec"] == CONSTANT_SPEC
+            listed_constant = listed is not None and is_constant(listed[saved_name]["spec"])
             constant = listed_constant if listed is not None else saved_name.endswith(VLLM_SCALES)
             tensor = model_name(saved_name, needs)
             if tensor in found:

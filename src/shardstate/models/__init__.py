@@ -25,6 +25,7 @@ from shardstate.models.qwen3_moe import Qwen3MoeForCausalLM
 from shardstate.parallel.distributed import TPGroup
 from shardstate.quant.apply import declare_quantized
 from shardstate.quant.methods import method_named
+from shardstate.quant.vllm import QUANTIZATION_CONFIG, declares_quantization, with_quantization_config
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir, open_model_dir
 
@@ -68,6 +69,17 @@ class OpenedModel:
         """Parameter name -> spec at `tp_size` (the same for every rank)."""
         return self.build_on_meta(TPGroup(0, tp_size)).shard_specs()
 
+    def state_config_json(self, quantization: str | None, for_vllm: bool) -> bytes:
+        """config.json for a state made from MODEL: its own bytes, or with the quantization_config vLLM needs
+        to load a quantized state (`for_vllm`; a state made so keeps it)."""
+        config = self.directory.config
+        if not for_vllm or declares_quantization(config):
+            return self.directory.config_bytes
+        if quantization is None:
+            raise ShardstateError("--for-vllm is for quantized states (vLLM loads an unquantized one as it is)",
+                                  self.directory.path, "add --quantize int8|fp8, or drop --for-vllm")
+        return with_quantization_config(config, quantization, self.build_on_meta(TPGroup(0, 1)))
+
 
 def quantize_after_load(model: OpenedModel, quantize: str | None) -> str | None:
     """The method to quantize with after load: `quantize`, unless MODEL's files are quantized already (the
@@ -86,6 +98,12 @@ def open_model(model: str | Path | ModelDir, dtype: str | None = None) -> Opened
     config = parse_config(directory.config, directory.config_bytes, directory.config_path)
     manifest = directory.state.manifest if directory.state is not None else None
     stored = manifest.quantization["method"] if manifest is not None and manifest.quantization else None
+    if declares_quantization(directory.config) and stored is None:  # a pre-quantized HF checkpoint
+        method = directory.config[QUANTIZATION_CONFIG]
+        method = method.get("quant_method") if isinstance(method, dict) else method
+        raise ShardstateError(f"config.json declares a quantization_config ({brief(method)}): shardstate reads "
+                              "unquantized checkpoints and its own quantized states", directory.config_path,
+                              "use the unquantized checkpoint, with --quantize int8|fp8")
     return OpenedModel(directory, config, resolve_dtype(dtype, config, directory), stored)
 
 

@@ -101,6 +101,7 @@ class LLM:
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
         opened = model if isinstance(model, OpenedModel) else open_model(model, dtype)
+        self._opened = opened
         self.quantize = quantize_after_load(opened, quantize)
         self.quantization = opened.quantization or self.quantize  # what the live weights are
         self.model_dir = opened.directory.path  # absolute: the workers' working directory is fixed when they start
@@ -227,19 +228,22 @@ class LLM:
         return self.prompts.outputs(ids, generation)
 
     def save_sharded_state(
-        self, path: str | os.PathLike[str], pattern: str | None = None, max_size: int = 5 << 30, force: bool = False
+        self, path: str | os.PathLike[str], pattern: str | None = None, max_size: int = 5 << 30, force: bool = False,
+        for_vllm: bool = False,
     ) -> list[str]:
         """Each worker writes its own live parameters to `path` (vLLM's file pattern by default, parts
         rolling over at `max_size` bytes); the manifest goes last and the directory appears atomically.
-        Returns the file names written."""
+        `for_vllm`: a quantized state also gets what vLLM's loader needs (quant/vllm.py). Returns the file
+        names written."""
         pattern = check_pattern(pattern or PP1_PATTERN)
         out = Path(path)
         state_id = new_state_id()
+        config_json = self._opened.state_config_json(self.quantization, for_vllm)
         with staged_output(out, self.model_dir, force) as tmp:
             written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
-                                 state_id=state_id)
+                                 state_id=state_id, config_json=config_json)
             plan = StatePlan.make(self._live_params, self._model_dtype, self.config.num_hidden_layers, max_size,
-                                  state_id, pattern, self.quantization)
+                                  state_id, config_json, pattern, self.quantization)
             sources = find_weight_files(self.model_dir)
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
         return sorted(manifest.files)

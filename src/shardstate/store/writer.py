@@ -3,22 +3,26 @@ live worker its own rank): the plan of parts, the staged temporary directory, an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from shardstate.config import ModelConfig
+from shardstate.config import CONFIG_NAME, ModelConfig
 from shardstate.errors import failing_as
 from shardstate.format.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from shardstate.format.manifest import (
-    CONSTANT_SPEC,
     MANIFEST_NAME,
     PP1_PATTERN,
     QUANT_SCALES,
     Manifest,
     check_pattern,
+    constant_spec,
     is_plain_name,
     rank_file_metadata,
     write_manifest,
@@ -27,6 +31,7 @@ from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import WRITE_TODO, OutTensor, RankWriter, split_into_parts
 from shardstate.format.sharded_state import vllm_scale_names
 from shardstate.io.files import open_regular
+from shardstate.quant.vllm import declares_quantization, kv_placeholders
 from shardstate.spec import ShardSpec, spec_to_json
 
 COPY_BLOCK = 1 << 20
@@ -39,7 +44,8 @@ class StatePlan:
     specs: dict[str, ShardSpec]
     dtype: torch.dtype  # the model's compute dtype (the manifest's `dtype`)
     parts: list[list[OutTensor]]
-    scales: list[OutTensor]
+    constants: dict[str, tuple[OutTensor, float]]  # tensors vLLM's loader needs, each filled with a value
+    config_json: bytes  # OUT's config.json (the source's, or with what vLLM needs for a quantized state)
     pattern: str
     state_id: str  # new_state_id() once per state: every rank's writer records the same
     quantization: str | None = None  # the method quantized weights were made with
@@ -47,15 +53,18 @@ class StatePlan:
     @classmethod
     def make(
         cls, params: dict[str, torch.Tensor], dtype: torch.dtype, num_layers: int, max_part_bytes: int,
-        state_id: str, pattern: str = PP1_PATTERN, quantization: str | None = None,
+        state_id: str, config_json: bytes, pattern: str = PP1_PATTERN, quantization: str | None = None,
     ) -> StatePlan:
         """`params`: a rank's parameters by name (live, or on the meta device), each carrying its `.spec`;
-        each is written in its own dtype."""
-        scales = [OutTensor(n, torch.float32, ()) for n in vllm_scale_names(num_layers)]
+        each is written in its own dtype. A `config_json` with a quantization_config (`--for-vllm`) adds
+        the KV-cache placeholders vLLM then expects."""
+        constants = {n: (OutTensor(n, torch.float32, ()), 1.0) for n in vllm_scale_names(num_layers)}
+        if declares_quantization(json.loads(config_json)):
+            constants |= {n: (OutTensor(n, t, (1,)), v) for n, t, v in kv_placeholders(num_layers, dtype)}
         tensors = [OutTensor(n, p.dtype, p.spec.local_shape()) for n, p in params.items()]
-        parts = split_into_parts(tensors + scales, max_part_bytes)
+        parts = split_into_parts(tensors + [t for t, _ in constants.values()], max_part_bytes)
         specs = {n: p.spec for n, p in params.items()}
-        return cls(specs, dtype, parts, scales, check_pattern(pattern), state_id, quantization)
+        return cls(specs, dtype, parts, constants, config_json, check_pattern(pattern), state_id, quantization)
 
     @property
     def tp_size(self) -> int:
@@ -66,15 +75,14 @@ class StatePlan:
                           lambda part: rank_file_metadata(self.state_id, rank, self.tp_size, part))
 
     def finish(self, writer: RankWriter) -> None:
-        """Write the constant scales (after the parameters, as planned) and close the rank's last part."""
-        one = torch.ones((), dtype=torch.float32)
-        for scale in self.scales:
-            writer.write(scale.name, one)
+        """Write the constants (after the parameters, as planned) and close the rank's last part."""
+        for tensor, value in self.constants.values():
+            writer.write(tensor.name, torch.full(tensor.shape, value, dtype=tensor.dtype))
         writer.close()
 
     def tensor_records(self, rank: int, digests: dict[str, str]) -> dict[str, dict]:
-        """The manifest's entries for one rank's tensors (with the digests its writer computed); scales are
-        marked constant."""
+        """The manifest's entries for one rank's tensors (with the digests its writer computed); constants are
+        marked as such, with their value."""
         records = {}
         for part, tensors in enumerate(self.parts):
             for t in tensors:
@@ -83,8 +91,8 @@ class StatePlan:
                     "file": self.pattern.format(rank=rank, part=part),
                     "dtype": DTYPE_NAMES[t.dtype],
                     "shape": list(t.shape),
-                    "global_shape": list(spec.global_shape()) if spec else [],
-                    "spec": spec_to_json(spec) if spec else CONSTANT_SPEC,
+                    "global_shape": list(spec.global_shape()) if spec else list(t.shape),
+                    "spec": spec_to_json(spec) if spec else constant_spec(self.constants[t.name][1]),
                     "xxh3_64": digests[t.name],
                 }
         return records
@@ -93,13 +101,16 @@ class StatePlan:
 def complete_state(
     directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], source_files: list[Path],
 ) -> Manifest:
-    """Copy SRC's side files, then write the manifest (last: its presence says the directory is whole).
-    `written` holds each rank's RankWriter.result(), in rank order."""
+    """Copy SRC's side files (config.json as the plan has it), then write the manifest (last: its presence
+    says the directory is whole). `written` holds each rank's RankWriter.result(), in rank order."""
     side_files = sorted(p.name for p in src.iterdir() if is_side_file(p))
     for name in side_files:
-        copy_file(src / name, directory / name)
+        if name != CONFIG_NAME:
+            copy_file(src / name, directory / name)
+    write_file(directory / CONFIG_NAME, [plan.config_json])
     manifest = Manifest(
-        plan.state_id, len(written), config.architecture, config.fingerprint, DTYPE_NAMES[plan.dtype],
+        plan.state_id, len(written), config.architecture, hashlib.sha256(plan.config_json).hexdigest(),
+        DTYPE_NAMES[plan.dtype],
         [{"name": f.name, "size": f.stat().st_size} for f in source_files], side_files,
         files={name: record for rank in written for name, record in rank["files"].items()},
         tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
@@ -122,16 +133,26 @@ def copy_file(src: Path, dst: Path) -> None:
     with failing_as("cannot read", src, "check the file; nothing was published"):
         fd = open_regular(src)
     with os.fdopen(fd, "rb") as source:
-        with failing_as("cannot write", dst, WRITE_TODO):
-            target = open(dst, "xb")  # noqa: SIM115 (closed below)
-        with target:
-            while True:
-                with failing_as("cannot read", src, "check the file; nothing was published"):
-                    block = source.read(COPY_BLOCK)
-                if not block:
-                    break
-                with failing_as("cannot write", dst, WRITE_TODO):
-                    target.write(block)
+        write_file(dst, _blocks(source, src))
+
+
+def _blocks(source: BinaryIO, path: Path) -> Iterator[bytes]:
+    while True:
+        with failing_as("cannot read", path, "check the file; nothing was published"):
+            block = source.read(COPY_BLOCK)
+        if not block:
+            return
+        yield block
+
+
+def write_file(dst: Path, blocks: Iterable[bytes]) -> None:
+    """A new file (never replacing one), synced to disk."""
+    with failing_as("cannot write", dst, WRITE_TODO):
+        target = open(dst, "xb")  # noqa: SIM115 (closed below)
+    with target:
+        for block in blocks:
             with failing_as("cannot write", dst, WRITE_TODO):
-                target.flush()
-                os.fsync(target.fileno())
+                target.write(block)
+        with failing_as("cannot write", dst, WRITE_TODO):
+            target.flush()
+            os.fsync(target.fileno())

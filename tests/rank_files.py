@@ -1,0 +1,37 @@
+"""Sharded states' rank files read back whole, for comparing two states key by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def rank_tensors(root: Path, rank: int) -> dict:
+    tensors = {}
+    for path in sorted(root.glob(f"model-rank-{rank}-part-*.safetensors")):
+        for key, tensor in load_file(path).items():
+            assert key not in tensors, f"{key} twice in {root.name} rank {rank}"
+            tensors[key] = tensor
+    assert tensors, f"no files of rank {rank} in {root}"
+    return tensors
+
+
+def rank_file_differences(ours: Path, theirs: Path, tp: int) -> list[str]:
+    """Every key, shape, dtype or value where shardstate's rank files (`ours`) and vLLM's differ."""
+    problems = []
+    for rank in range(tp):
+        mine, vllms = rank_tensors(ours, rank), rank_tensors(theirs, rank)
+        for key in sorted(mine.keys() - vllms.keys()):
+            problems.append(f"rank {rank}: only shardstate has {key} {list(mine[key].shape)} {mine[key].dtype}")
+        for key in sorted(vllms.keys() - mine.keys()):
+            problems.append(f"rank {rank}: only vLLM has {key} {list(vllms[key].shape)} {vllms[key].dtype}")
+        for key in sorted(mine.keys() & vllms.keys()):
+            a, b = mine[key], vllms[key]
+            if a.shape != b.shape or a.dtype != b.dtype:
+                problems.append(f"rank {rank}: {key} shardstate {list(a.shape)} {a.dtype}, "
+                                f"vLLM {list(b.shape)} {b.dtype}")
+            elif not a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8)):
+                problems.append(f"rank {rank}: {key} {list(a.shape)} values differ")
+    return problems
