@@ -4,6 +4,7 @@ no process behind. Hangs are real: the rank's process is frozen with SIGSTOP."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,3 +101,20 @@ def test_hung_rank_under_torchrun_is_one_error_and_no_leftovers(checkpoints, tmp
     ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert ours and "rank 0 timed out waiting for its peers" in ours[0], stderr[-3000:]
     assert not processes_with_env(marker)
+
+
+def test_a_worker_dying_at_start_up_is_an_error_not_a_hang(tmp_path):
+    """A program that starts workers without the `if __name__ == "__main__"` guard: each spawned worker
+    re-runs it and dies before it reads its arguments. With a manifest past the 64 KiB of a pipe (this
+    one: 40 layers at TP=2) those arguments once blocked the driver's `Process.start()` for ever."""
+    from shardstate.convert import convert
+    from shardstate.synthetic import make_llama_checkpoint
+
+    src = make_llama_checkpoint(tmp_path / "src", seed=1, num_hidden_layers=40)
+    convert(src, tmp_path / "tp2", 2)
+    assert (tmp_path / "tp2" / "shardstate.json").stat().st_size > 64 << 10
+    program = tmp_path / "unguarded.py"
+    program.write_text(f"from shardstate import LLM\nLLM({str(tmp_path / 'tp2')!r}, tensor_parallel_size=2)\n")
+    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120)
+    last = result.stderr.splitlines()[-1]
+    assert result.returncode == 1 and re.search(r"worker rank \d died", last), result.stderr[-2000:]

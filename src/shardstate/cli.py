@@ -212,14 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="load-time benchmark against peers (JSON, markdown, PNG)")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="where results.{json,md,png} go")
     bench.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark model lives")
-    bench.add_argument("--tp", type=tp_size, nargs="+", default=[1, 2, 4])
+    bench.add_argument("--tp", type=tp_size, nargs="+", default=None,
+                       help="TP sizes (default 1 2 4; --families, --quantized: one, default 2)")
     bench.add_argument("--smoke", action="store_true", help="a tiny model: checks the harness, times nothing")
     bench.add_argument("--families", action="store_true",
                        help="instead: bytes per rank and load time of every model family (at the first --tp)")
     bench.add_argument("--quantized", action="store_true",
-                       help="instead: bf16, int8 and fp8 states of the demo model (at the first --tp): bytes per "
-                            "rank, load time, peak RSS, greedy tokens equal to bf16; and of the benchmark model: "
-                            "bytes per rank, load time (warm, cold), peak RSS")
+                       help="instead: bf16, int8 and fp8 states of the demo model (at its TP=3): bytes per rank, "
+                            "load and generation time, peak RSS, greedy tokens equal to bf16; and of the benchmark "
+                            "model (at --tp): bytes per rank, load time (warm, cold), peak RSS")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -261,22 +262,23 @@ def run_bench(args: argparse.Namespace) -> None:
     from shardstate.benchmark import run_bench as bench
     from shardstate.demo import cache_dir
 
+    one_tp = args.tp[0] if args.tp else 2
     if args.quantized:
         from shardstate.benchmark.quantized import run_quantized, run_quantized_loads
 
-        rows = run_quantized(args.out, args.cache_dir or cache_dir(), args.tp[0])
-        loads = run_quantized_loads(args.out, args.cache_dir or cache_dir() / "bench", args.tp[0], args.smoke)
+        rows = run_quantized(args.out, args.cache_dir or cache_dir())
+        loads = run_quantized_loads(args.out, args.cache_dir or cache_dir() / "bench", one_tp, args.smoke)
         print(f"wrote {args.out}/quantized.json, quantized.md ({len(rows)} states), quantized-loads.json, "
               f"quantized-loads.md ({len(loads)} loads)")
         return
     if args.families:
         from shardstate.benchmark.families import run_families
 
-        rows = run_families(args.out, args.cache_dir or cache_dir() / "bench", args.tp[0], args.smoke)
+        rows = run_families(args.out, args.cache_dir or cache_dir() / "bench", one_tp, args.smoke)
         print(f"wrote {args.out}/families.json, families.md ({len(rows)} runs)")
         return
     vllm_python = args.vllm_python or Path(".venv-vllm/bin/python")
-    results = bench(args.out, args.cache_dir or cache_dir() / "bench", args.smoke, tuple(args.tp),
+    results = bench(args.out, args.cache_dir or cache_dir() / "bench", args.smoke, tuple(args.tp or (1, 2, 4)),
                     vllm_python if vllm_python.is_file() else None)
     print(f"wrote {args.out}/results.json, results.md" + (", results.png" if (args.out / "results.png").exists()
                                                            else "") + f" ({len(results['runs'])} runs)")

@@ -8,10 +8,12 @@ bench` the second):
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from shardstate.benchmark import ensure_model, say, shardstate_run, warm_or_cold, weight_files, write_rows
 from shardstate.convert import convert
+from shardstate.demo import DEMO_TP
 from shardstate.runtime.llm import LLM
 from shardstate.smollm2 import ensure_smollm2
 
@@ -27,7 +29,7 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     return sum(a == b for a, b in pairs) / len(pairs)
 
 
-def run_quantized(out_dir: Path, cache_root: Path, tp: int = 3, states_root: Path | None = None) -> list[dict]:
+def run_quantized(out_dir: Path, cache_root: Path, tp: int = DEMO_TP, states_root: Path | None = None) -> list[dict]:
     """The model comes from `cache_root` (converted once); the states are written under `states_root`
     (default: `cache_root`)."""
     source = ensure_smollm2(cache_root, say)
@@ -36,13 +38,16 @@ def run_quantized(out_dir: Path, cache_root: Path, tp: int = 3, states_root: Pat
         state = (states_root or cache_root) / f"{source.name}-tp{tp}-{method or 'bf16'}"
         convert(source, state, tp, force=True, show_progress=False, quantize=method)
         with LLM(state, tensor_parallel_size=tp) as llm:
+            start = time.perf_counter()
             outputs = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+            generate_seconds = time.perf_counter() - start
             reports = llm.load_reports
         tokens = [o.token_ids for o in outputs]
         reference = reference or tokens
         row = {"method": method or "bf16", "tp": tp, "seconds": max(r.seconds for r in reports),
                "bytes_per_rank": [r.bytes_read + r.bytes_mapped for r in reports],
-               "peak_rss": [r.peak_rss for r in reports], "token_agreement": agreement(tokens, reference),
+               "peak_rss": [r.peak_rss for r in reports], "generate_seconds": generate_seconds,
+               "token_agreement": agreement(tokens, reference),
                "texts": [o.text for o in outputs]}
         rows.append(row)
         say(f"{row['method']} TP={tp}: {row['seconds']:.3f}s, {max(row['bytes_per_rank']) / 1e6:.1f} MB per rank, "
@@ -53,11 +58,12 @@ def run_quantized(out_dir: Path, cache_root: Path, tp: int = 3, states_root: Pat
 def quantized_table(rows: list[dict]) -> str:
     lines = [f"SmolLM2-135M-Instruct, sharded states at TP={rows[0]['tp']}, warm page cache; {len(PROMPTS)} prompts x "
              f"{NEW_TOKENS} greedy tokens.", "",
-             "| state | MB per rank | load seconds | peak RSS per rank (MB) | tokens equal to bf16 | "
-             f"{PROMPTS[0]!r} -> |", "|---|---|---|---|---|---|"]
+             "| state | MB per rank | load seconds | generate seconds | peak RSS per rank (MB) | "
+             f"tokens equal to bf16 | {PROMPTS[0]!r} -> |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {max(r['bytes_per_rank']) / 1e6:.1f} | {r['seconds']:.3f} | "
-                     f"{max(r['peak_rss']) / 1e6:.0f} | {r['token_agreement']:.0%} | {r['texts'][0]!r} |")
+                     f"{r['generate_seconds']:.2f} | {max(r['peak_rss']) / 1e6:.0f} | {r['token_agreement']:.0%} | "
+                     f"{r['texts'][0]!r} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ from shardstate import spec
 from shardstate.config import ModelConfig
 from shardstate.models.decoder import MLP
 from shardstate.parallel.distributed import TPGroup
-from shardstate.parallel.layers import ReplicatedLinear, dequantized, sharded_parameter
+from shardstate.parallel.layers import ReplicatedLinear, linear, sharded_parameter
 from shardstate.spec import EXPERT, Part, ShardSpec
 
 
@@ -46,10 +46,9 @@ class RoutedExperts(nn.Module):
         w13_scale, w2_scale = getattr(self, "w13_weight_scale", None), getattr(self, "w2_weight_scale", None)
         for expert in torch.unique(selected).tolist():
             tokens, slot = torch.where(selected == expert)
-            w13 = dequantized(self.w13_weight[expert], None if w13_scale is None else w13_scale[expert], x.dtype)
-            w2 = dequantized(self.w2_weight[expert], None if w2_scale is None else w2_scale[expert], x.dtype)
-            gate, up = F.linear(x[tokens], w13).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, w2)
+            gate, up = linear(x[tokens], self.w13_weight[expert],
+                              None if w13_scale is None else w13_scale[expert]).chunk(2, dim=-1)
+            y = linear(F.silu(gate) * up, self.w2_weight[expert], None if w2_scale is None else w2_scale[expert])
             out.index_add_(0, tokens, y * weights[tokens, slot, None])
         return out
 

@@ -23,9 +23,20 @@ def spec_parameter(data: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
     return param
 
 
-def dequantized(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The weight to compute with: itself, or (quantized, quant/) times its per-row scales, in `dtype`."""
-    return weight if scale is None else (weight.float() * scale).to(dtype)
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). A quantized weight (quant/) [N, K] with per-row scales [N, 1] is not
+    dequantized: the scales multiply the product, x @ (q * s).T = (x @ q.T) * s.T (int8 and fp8 values are
+    exact in bf16/fp16/fp32). On CPU, int8 uses torch's weight-only int8 kernel."""
+    if scale is None:
+        return F.linear(x, weight, bias)
+    scales = scale.view(-1).to(x.dtype)
+    if weight.dtype == torch.int8 and x.device.type == "cpu":
+        flat = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
+        y = flat.view(*x.shape[:-1], weight.shape[0])
+    else:
+        y = F.linear(x, weight.to(x.dtype)) * scales
+    return y if bias is None else y + bias
 
 
 def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
@@ -41,8 +52,9 @@ class ShardedWeight(nn.Module):
         self.weight = sharded_parameter(spec, dtype)
         self.bias = None if bias is None else sharded_parameter(bias, dtype)
 
-    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantized(self.weight, getattr(self, "weight_scale", None), dtype)
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T (+ bias), through the weight's scales when it is quantized."""
+        return linear(x, self.weight, getattr(self, "weight_scale", None), bias)
 
 
 class RMSNorm(ShardedWeight):
@@ -61,7 +73,7 @@ class ColumnParallelLinear(ShardedWeight):
     """Output features split across ranks (also the fused qkv and gate_up projections); no communication."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.compute_weight(x.dtype), self.bias)
+        return self.project(x, self.bias)
 
 
 class ReplicatedLinear(ShardedWeight):
@@ -81,7 +93,7 @@ class RowParallelLinear(ShardedWeight):
         self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.compute_weight(x.dtype))
+        partial = self.project(x)
         return self.group.all_reduce(partial) if self.reduce else partial
 
 

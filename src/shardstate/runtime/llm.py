@@ -134,7 +134,7 @@ class LLM:
                 worker_end, driver_end = lifeline(context)
                 proc = context.Process(
                     target=worker_main,
-                    args=(child, worker_end, rank, tensor_parallel_size, init_method, args, threads, timeout),
+                    args=(child, worker_end, rank, tensor_parallel_size, init_method, threads, timeout),
                     daemon=True,
                 )
                 with sigint_ignored():  # inherited: a Ctrl-C while the worker starts up is for the driver
@@ -144,6 +144,12 @@ class LLM:
                 self._conns.append(parent)
                 self._procs.append(proc)
                 self._lifelines.append(driver_end)
+            # Sent once every worker runs, not as Process args: spawn writes those into a pipe whose read end
+            # it keeps open itself, so a worker dying at start-up would block that write for ever once they
+            # pass the pipe's 64 KiB (a manifest does); a dead worker here breaks the pipe, _collect names it.
+            for conn in self._conns:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    conn.send(args)
             self.load_reports: list[LoadReport] = self._collect()
         except BaseException:
             self.close(graceful=False)

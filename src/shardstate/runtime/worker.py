@@ -103,15 +103,16 @@ def describe(exc: BaseException, rank: int) -> tuple[str, str]:
 
 
 def worker_main(
-    conn: Connection, driver: Connection, rank: int, size: int, init_method: str, args: WorkerArgs, threads: int,
-    timeout_s: float,
+    conn: Connection, driver: Connection, rank: int, size: int, init_method: str, threads: int, timeout_s: float,
 ) -> None:
-    """Entry point of a spawned worker: reply ('ok', LoadReport) after loading, then serve commands.
-    A collective waits at most `timeout_s` for a peer before this rank gives up and reports it. The
-    worker ends when its `driver` lifeline closes; a terminal's Ctrl-C is for the driver to act on."""
+    """Entry point of a spawned worker: receive its WorkerArgs, reply ('ok', LoadReport) after loading,
+    then serve commands. A collective waits at most `timeout_s` for a peer before this rank gives up and
+    reports it. The worker ends when its `driver` lifeline closes; a terminal's Ctrl-C is for the driver
+    to act on."""
     watch_driver(driver)
     torch.set_num_threads(threads)
     try:
+        args: WorkerArgs = conn.recv()
         group = init_group(rank, size, init_method, timeout_s)
         worker = Worker(args, group, rank)
         conn.send(("ok", worker.load_report))
