@@ -25,17 +25,19 @@ def spec_parameter(data: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias). A quantized weight (quant/) [N, K] with per-row scales [N, 1] is not
-    dequantized: the scales multiply the product, x @ (q * s).T = (x @ q.T) * s.T (int8 and fp8 values are
-    exact in bf16/fp16/fp32). On CPU, int8 uses torch's weight-only int8 kernel."""
+    """x @ weight.T (+ bias). A quantized weight (quant/) [N, K] with fp32 per-row scales [N, 1] is not
+    dequantized: the product with its values (exact in bf16/fp16/fp32) is multiplied by the scales in
+    fp32, x @ (q * s).T = (x @ q.T) * s.T. On CPU, int8 uses torch's weight-only int8 kernel (with unit
+    scales: it would round ours to the activation dtype)."""
     if scale is None:
         return F.linear(x, weight, bias)
-    scales = scale.view(-1).to(x.dtype)
     if weight.dtype == torch.int8 and x.device.type == "cpu":
-        flat = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, scales)
-        y = flat.view(*x.shape[:-1], weight.shape[0])
+        ones = torch.ones(weight.shape[0], dtype=x.dtype)
+        product = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, ones)
+        product = product.view(*x.shape[:-1], weight.shape[0])
     else:
-        y = F.linear(x, weight.to(x.dtype)) * scales
+        product = F.linear(x, weight.to(x.dtype))
+    y = (product.float() * scale.view(-1)).to(x.dtype)
     return y if bias is None else y + bias
 
 

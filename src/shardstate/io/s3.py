@@ -1,0 +1,172 @@
+"""S3-compatible object storage: ranged reads straight into a caller's buffer, parallel ranged fetches
+into a local file, listing, and uploads. Endpoint, region and credentials come from the standard AWS
+variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION...). Every failure is a
+ShardstateError naming the object: unreachable endpoint, refused credentials, missing object, an object
+shorter than expected, a server gone mid-transfer (after bounded retries and time-outs).
+
+botocore's own checksums are off where they would only add work: the manifest's sizes and checksums are
+what fetched files are checked against."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardstate.errors import ShardstateError
+
+SCHEME = "s3://"
+RANGE_BYTES = 16 << 20  # one ranged GET
+READ_BLOCK = 1 << 20  # readinto granularity within a GET
+DEFAULT_RANGES = 8  # parallel GETs per file
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 30.0
+ATTEMPTS = 4  # botocore's retries, with its exponential backoff
+
+
+def is_s3(location: str | os.PathLike[str]) -> bool:
+    return str(location).startswith(SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # no leading or trailing "/"; "" for the bucket's root
+
+    @classmethod
+    def parse(cls, location: str) -> S3Location:
+        bucket, _, prefix = location.removeprefix(SCHEME).partition("/")
+        if not is_s3(location) or not bucket or "//" in prefix:
+            raise ShardstateError(f"{location!r} is not an s3://bucket/prefix location", None,
+                                  "write it as s3://bucket/prefix")
+        return cls(bucket, prefix.strip("/"))
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def url(self, name: str | None = None) -> str:
+        base = f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+        return base if name is None else f"{base}/{name}"
+
+
+def _client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+        retries={"max_attempts": ATTEMPTS, "mode": "standard"},
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        max_pool_connections=32,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _failure(exc: BaseException, url: str) -> ShardstateError:
+    """One line for what went wrong with `url`."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    if isinstance(exc, ShardstateError):
+        return exc
+    if isinstance(exc, NoCredentialsError):
+        return ShardstateError("no S3 credentials", None, "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, EndpointConnectionError):
+        return ShardstateError(f"cannot reach the S3 endpoint {endpoint} ({type(exc).__name__})", None,
+                               "check AWS_ENDPOINT_URL and that the server is up")
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = exc.response.get("Error", {}).get("Code", "")
+        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return ShardstateError(f"{url} does not exist", None, "check the location, or upload the state")
+        if status == 403:
+            return ShardstateError(f"access to {url} refused ({code or 403})", None,
+                                   "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
+        return ShardstateError(f"S3 error {code or status} on {url}", None, "check the server's log")
+    return ShardstateError(f"S3 transfer of {url} failed ({type(exc).__name__}: {str(exc)[:160]})", None,
+                           f"check that the server at {endpoint} is up, then retry")
+
+
+class S3Store:
+    """One location's objects. Thread-safe (botocore clients are)."""
+
+    def __init__(self, location: S3Location):
+        self.location = location
+        self.client = _client()
+
+    def call(self, url: str, operation: Callable[[], Any]) -> Any:
+        try:
+            return operation()
+        except Exception as exc:  # botocore's hierarchy is wide: every failure becomes one line
+            raise _failure(exc, url) from None
+
+    def size(self, name: str) -> int:
+        key = self.location.key(name)
+        head = self.call(self.location.url(name), lambda: self.client.head_object(Bucket=self.location.bucket, Key=key))
+        return int(head["ContentLength"])
+
+    def read_bytes(self, name: str) -> bytes:
+        key = self.location.key(name)
+        body = self.call(self.location.url(name),
+                         lambda: self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"])
+        return self.call(self.location.url(name), body.read)
+
+    def names(self) -> list[str]:
+        """Every object under the prefix, relative to it."""
+        prefix = self.location.key("")
+        found: list[str] = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.location.bucket, Prefix=prefix)
+        for page in self.call(self.location.url(), lambda: list(pages)):
+            found.extend(item["Key"][len(prefix):] for item in page.get("Contents", []))
+        return found
+
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        """Exactly len(buffer) bytes from `offset`, read straight into `buffer`."""
+        url, key = self.location.url(name), self.location.key(name)
+        end = offset + len(buffer) - 1
+        response = self.call(url, lambda: self.client.get_object(Bucket=self.location.bucket, Key=key,
+                                                                 Range=f"bytes={offset}-{end}"))
+        body, done = response["Body"], 0
+        while done < len(buffer):
+            got = self.call(url, lambda part=buffer[done:done + READ_BLOCK]: body.readinto(part))
+            if not got:
+                raise ShardstateError(f"{url} ended at byte {offset + done}, {len(buffer) - done} bytes short",
+                                      None, "the object is truncated or changed: upload the state again")
+            done += got
+
+    def fetch(self, name: str, size: int, out: Path, ranges: int = DEFAULT_RANGES) -> None:
+        """The object (of `size` bytes) into the new file `out`, `ranges` ranged GETs at a time, each read
+        into its own buffer and written at its offset."""
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            local = threading.local()
+
+            def one(start: int) -> None:
+                length = min(RANGE_BYTES, size - start)
+                if getattr(local, "buffer", None) is None:
+                    local.buffer = bytearray(RANGE_BYTES)
+                view = memoryview(local.buffer)[:length]
+                self.read_into(name, start, view)
+                os.pwrite(fd, view, start)
+
+            with ThreadPoolExecutor(max_workers=max(1, ranges)) as pool:
+                for future in [pool.submit(one, start) for start in range(0, size, RANGE_BYTES)]:
+                    future.result()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def upload(self, path: Path, name: str, parallel: int = DEFAULT_RANGES) -> None:
+        """A local file as one object (multipart, `parallel` parts at a time, past 64 MiB)."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
+                                max_concurrency=parallel, use_threads=parallel > 1)
+        key = self.location.key(name)
+        self.call(self.location.url(name),
+                  lambda: self.client.upload_file(str(path), self.location.bucket, key, Config=config))

@@ -1,0 +1,55 @@
+"""`shardstate upload DIR s3://bucket/prefix`: a complete sharded state into object storage, published so
+that a reader never sees half of it: the rank files first (multipart, several at a time), then the side
+files, the manifest last. The prefix must be empty: shardstate never overwrites what it did not write."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardstate.errors import ShardstateError
+from shardstate.format.manifest import MANIFEST_NAME
+from shardstate.format.sharded_state import open_sharded_state
+from shardstate.io.s3 import DEFAULT_RANGES, S3Location, S3Store
+
+PARALLEL_FILES = 4
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    url: str
+    files: list[str]
+    bytes_uploaded: int
+    seconds: float
+
+
+def upload_state(directory: str | Path, url: str, parallel: int = DEFAULT_RANGES) -> UploadReport:
+    start = time.perf_counter()
+    root = Path(directory)
+    state = open_sharded_state(root)  # manifest and config.json checked; no manifest: refused
+    manifest = state.manifest
+    assert manifest is not None
+    for name, record in sorted(manifest.files.items()):
+        path = root / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != record["size"]:
+            found = "missing" if size is None else f"{size} bytes, the manifest says {record['size']}"
+            raise ShardstateError(f"{name} is {found}", root, "run `shardstate verify` and re-create the state")
+    location = S3Location.parse(url)
+    store = S3Store(location)
+    existing = store.names()
+    if existing:
+        raise ShardstateError(f"{location.url()} already holds {len(existing)} object(s) (e.g. {existing[0]})", None,
+                              "upload to a new prefix; shardstate never overwrites what it did not write")
+    rank_files = sorted(manifest.files)
+    with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
+        for future in [pool.submit(store.upload, root / name, name, parallel) for name in rank_files]:
+            future.result()
+    for name in manifest.side_files:
+        store.upload(root / name, name, parallel)
+    store.upload(root / MANIFEST_NAME, MANIFEST_NAME, parallel)
+    files = [*rank_files, *manifest.side_files, MANIFEST_NAME]
+    uploaded = sum((root / name).stat().st_size for name in files)
+    return UploadReport(location.url(), files, uploaded, time.perf_counter() - start)
