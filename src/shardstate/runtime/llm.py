@@ -35,6 +35,7 @@ from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
 from shardstate.stops import forget, on_default_death
 from shardstate.store.output import staged_output
+from shardstate.store.remote import remove_temporaries_of
 from shardstate.store.writer import StatePlan, complete_state
 
 # Bounds on what a caller may ask for (the CLI's argument types use the same): a time-out from 1 s (starting
@@ -96,11 +97,13 @@ class LLM:
         verify: bool = False,
         timeout: float = 120.0,
         quantize: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
-        opened = model if isinstance(model, OpenedModel) else open_model(model, dtype)
+        cache = None if cache_dir is None else Path(cache_dir)
+        opened = model if isinstance(model, OpenedModel) else open_model(model, dtype, cache)
         self._opened = opened
         self.quantize = quantize_after_load(opened, quantize)
         self.quantization = opened.quantization or self.quantize  # what the live weights are
@@ -271,6 +274,8 @@ class LLM:
                 proc.join(timeout=30)
             if proc.is_alive():  # uninterruptible (a hung device or file system): nothing more to do here
                 print(f"warning: worker pid {proc.pid} did not exit after SIGKILL", file=sys.stderr)
+            elif self._opened.directory.remote is not None:  # a worker killed mid-download left its temporary
+                remove_temporaries_of(self._opened.directory.remote.cache, proc.pid)
         for conn in (*self._conns, *self._lifelines):
             conn.close()
         self._conns, self._procs, self._lifelines = [], [], []

@@ -70,11 +70,12 @@ class PreparedPrompts:
 
 def prepare_prompts(
     model_dir: str | Path, dtype_name: str | None, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
-    tp_size: int, ranks_here: int,
+    tp_size: int, ranks_here: int, cache_dir: Path | None = None,
 ) -> PreparedPrompts:
     """Before anything is loaded: config.json read and the TP size checked, the prompts encoded, and the
-    generation checked to fit the model's positions and (CPU) this host's memory."""
-    model = open_model(model_dir, dtype_name)
+    generation checked to fit the model's positions and (CPU) this host's memory. (An s3:// model's small
+    files are fetched into the node cache under `cache_dir` here.)"""
+    model = open_model(model_dir, dtype_name, cache_dir)
     model.config.check_tp_size(tp_size)
     codec = PromptCodec(model.directory.path, model.config)
     ids = codec.encode(prompts)

@@ -23,7 +23,8 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
             f"--tp {args.tp} but torchrun started {world} processes", None, f"pass --tp {world} or omit it"
         )
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this host
-    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, world, ranks_here)
+    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, world, ranks_here,
+                               args.cache_dir)
     config, codec, prompt_ids = prepared.model.config, prepared.codec, prepared.ids
     check_parameters_fit(prepared.model.build_on_meta(TPGroup(0, world)), ranks_here)
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from shardstate.config import read_config_json
 from shardstate.format.sharded_state import ShardedState, is_sharded_state, open_sharded_state
+from shardstate.io.s3 import is_s3
+from shardstate.store.remote import RemoteOrigin, fetch_metadata, fetch_rank_files
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class ModelDir:
     config_bytes: bytes
     config_path: Path
     state: ShardedState | None  # a sharded state (manifest checked against config.json) or vLLM's rank files
+    remote: RemoteOrigin | None = None  # an s3:// state: `path` is its node cache, rank files fetched on load
 
     @property
     def kind(self) -> str:
@@ -27,10 +30,36 @@ class ModelDir:
         return "sharded" if self.state.manifest is not None else "vllm"
 
 
-def open_model_dir(path: str | Path) -> ModelDir:
+def open_model_dir(path: str | Path, cache_dir: Path | None = None) -> ModelDir:
     """Read config.json and, for a sharded state, its manifest (refused if config.json is not the one its
-    files were made for; a vLLM-written directory without one is accepted, strictly checked later)."""
+    files were made for; a vLLM-written directory without one is accepted, strictly checked later). An
+    `s3://bucket/prefix` location is a sharded state: its manifest and side files are fetched into the
+    node cache under `cache_dir` (store/remote.py), its rank files by each rank as it loads."""
+    if is_s3(path):
+        origin = fetch_metadata(str(path), cache_dir)
+        config, raw, config_path = read_config_json(origin.cache)
+        return ModelDir(origin.cache, config, raw, config_path, open_sharded_state(origin.cache, config_bytes=raw),
+                        origin)
     path = Path(path).absolute()
     config, raw, config_path = read_config_json(path)
     state = open_sharded_state(path, allow_legacy=True, config_bytes=raw) if is_sharded_state(path) else None
     return ModelDir(path, config, raw, config_path, state)
+
+
+def fetch_every_rank(directory: ModelDir) -> None:
+    """An s3:// state's rank files, every rank's, into the node cache (for what reads them all here:
+    verify, a reshard); nothing to do for a local directory."""
+    if directory.remote is not None and directory.state is not None and directory.state.manifest is not None:
+        for rank in range(directory.state.tp_size):
+            fetch_rank_files(directory.remote, directory.state.manifest, rank)
+
+
+def local_state(location: str | Path, cache_dir: Path | None, every_rank: bool) -> Path:
+    """Where a sharded state's files are read here: `location` itself, or an s3:// state's node cache
+    (its manifest and side files; every rank's files too with `every_rank`)."""
+    if not is_s3(location):
+        return Path(location)
+    directory = open_model_dir(location, cache_dir)
+    if every_rank:
+        fetch_every_rank(directory)
+    return directory.path

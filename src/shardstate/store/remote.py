@@ -165,6 +165,13 @@ def _remove_dead_temporaries(directory: Path, name: str) -> None:
             path.unlink(missing_ok=True)
 
 
+def remove_temporaries_of(directory: Path, pid: int) -> None:
+    """Every temporary a fetching process (`pid`, now dead) left in the cache directory."""
+    for path in directory.glob(f".*.fetch-{pid}-*"):
+        if TEMPORARY.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

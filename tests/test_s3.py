@@ -1,0 +1,177 @@
+"""Sharded states in object storage, against a real S3-compatible server (SeaweedFS on 127.0.0.1, started
+and stopped here): `upload`, then `generate s3://...` where each rank fetches only its own rank files
+into the node cache, checked against the manifest; a second load fetches nothing; every failure (a
+changed, truncated or missing object, refused credentials, no server, the server dying mid-download) is
+one line, and leaves nothing half-written in the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from s3_server import S3Server, s3_server
+from shardstate.convert import convert
+from shardstate.synthetic import make_llama_checkpoint
+from test_worker_failures import processes_with_env
+
+BIN = Path(sys.executable).parent
+BUCKET = "shardstate-test"
+PROMPT = ["--prompt-ids", "1,5,9,33", "--max-new-tokens", "5", "--ignore-eos"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> S3Server:
+    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as running:
+        running.client().create_bucket(Bucket=BUCKET)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory) -> Path:
+    src = make_llama_checkpoint(tmp_path_factory.mktemp("s3") / "src", seed=5, initializer_range=0.1,
+                                num_hidden_layers=3)
+    out = src.parent / "tp2"
+    convert(src, out, 2, max_part_bytes=150_000)  # several parts per rank
+    return out
+
+
+def shardstate(server: S3Server, *args: str, secret: str | None = None, timeout: float = 180,
+               ) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(server.env() if secret is None else server.env(secret))}
+    return subprocess.run([str(BIN / "shardstate"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def uploaded(server: S3Server, state: Path, prefix: str) -> str:
+    url = f"s3://{BUCKET}/{prefix}"
+    result = shardstate(server, "upload", str(state), url)
+    assert result.returncode == 0, result.stderr
+    return url
+
+
+def generate(server: S3Server, model: str, cache: Path, *extra: str) -> dict:
+    result = shardstate(server, "generate", model, "--tp", "2", *PROMPT, "--json", "--cache-dir", str(cache), *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    return result.stderr
+
+
+def rank_sizes(state: Path) -> dict[int, int]:
+    manifest = json.loads((state / "shardstate.json").read_text())
+    sizes: dict[int, int] = {}
+    for record in manifest["files"].values():
+        sizes[record["rank"]] = sizes.get(record["rank"], 0) + record["size"]
+    return sizes
+
+
+def test_each_rank_fetches_only_its_own_files_once(server, state, tmp_path):
+    url = uploaded(server, state, "llama")
+    local = generate(server, str(state), tmp_path / "unused")
+    remote = generate(server, url, tmp_path / "cache")
+    assert [o["token_ids"] for o in remote["outputs"]] == [o["token_ids"] for o in local["outputs"]]
+    sizes = rank_sizes(state)
+    assert [r["bytes_fetched"] for r in remote["load"]] == [sizes[0], sizes[1]]
+    assert all(r["cached_files"] == [] and len(r["fetched_files"]) >= 2 for r in remote["load"])
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in state.iterdir())
+    again = generate(server, url, tmp_path / "cache")
+    assert [r["bytes_fetched"] for r in again["load"]] == [0, 0]
+    assert all(r["fetched_files"] == [] and len(r["cached_files"]) >= 2 for r in again["load"])
+    assert [o["token_ids"] for o in again["outputs"]] == [o["token_ids"] for o in local["outputs"]]
+    # a cached file that no longer matches the manifest is fetched again, not used
+    damaged = sorted(cached.glob("model-rank-1-part-*.safetensors"))[-1]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    repaired = generate(server, url, tmp_path / "cache")
+    assert repaired["load"][0]["bytes_fetched"] == 0
+    assert repaired["load"][1]["fetched_files"] == [damaged.name]
+    inspected = shardstate(server, "inspect", url, "--json", "--cache-dir", str(tmp_path / "cache"))
+    assert inspected.returncode == 0 and json.loads(inspected.stdout)["tp_size"] == 2, inspected.stderr
+
+
+def test_upload_refuses_a_prefix_that_holds_objects(server, state):
+    uploaded(server, state, "twice")
+    again = shardstate(server, "upload", str(state), f"s3://{BUCKET}/twice")
+    assert f"s3://{BUCKET}/twice already holds" in error_line(again)
+
+
+def test_objects_changed_truncated_or_missing_are_refused_naming_them(server, state, tmp_path):
+    client = server.client()
+    name = "model-rank-1-part-0.safetensors"
+    data = (state / name).read_bytes()
+    cases = {
+        "changed": (lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=data[:-1] + bytes([data[-1] ^ 1])),
+                    "does not match its checksum in the manifest"),
+        "truncated": (lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=data[:-100]),
+                      f"is {len(data) - 100} bytes, the manifest says {len(data)}"),
+        "missing": (lambda key: client.delete_object(Bucket=BUCKET, Key=key), "does not exist"),
+    }
+    for case, (damage, expected) in cases.items():
+        url = uploaded(server, state, case)
+        damage(f"{case}/{name}")
+        result = shardstate(server, "generate", url, "--tp", "2", *PROMPT, "--cache-dir", str(tmp_path / case))
+        line = error_line(result)
+        assert f"{url}/{name}" in line and expected in line, line
+        (cached,) = (tmp_path / case).iterdir()
+        assert not [p.name for p in cached.iterdir() if p.name.startswith(".")]  # no temporary left
+        assert not (cached / name).exists()
+
+
+def test_refused_credentials_and_no_server(server, state, tmp_path):
+    url = uploaded(server, state, "creds")
+    refused = shardstate(server, "generate", url, "--tp", "2", *PROMPT, "--cache-dir", str(tmp_path / "c"),
+                         secret="not-the-secret")
+    assert f"access to {url}/shardstate.json refused" in error_line(refused)
+    nobody = S3Server(f"http://127.0.0.1:{_closed_port()}", tmp_path)
+    start = time.monotonic()
+    unreachable = shardstate(nobody, "generate", url, "--tp", "2", *PROMPT, "--cache-dir", str(tmp_path / "c"))
+    assert "cannot reach the S3 endpoint" in error_line(unreachable)
+    assert time.monotonic() - start < 60
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_server_dying_mid_download_is_one_error_and_leaves_nothing(tmp_path):
+    """The server is SIGKILLed while the ranks download their ~100 MB files: one error line within the
+    time-outs, no worker left, no temporary file in the cache."""
+    src = make_llama_checkpoint(tmp_path / "src", seed=1, vocab_size=100_000, hidden_size=256, intermediate_size=256,
+                                num_hidden_layers=1, tie_word_embeddings=False)
+    convert(src, tmp_path / "tp2", 2)
+    cache = tmp_path / "cache"
+    with s3_server(tmp_path / "seaweedfs") as dying:
+        dying.client().create_bucket(Bucket=BUCKET)
+        url = uploaded(dying, tmp_path / "tp2", "big")
+        env = {**os.environ, **dying.env(), "SHARDSTATE_TEST_MARKER": "s3-dying"}
+        proc = subprocess.Popen([str(BIN / "shardstate"), "generate", url, "--tp", "2", *PROMPT, "--cache-dir",
+                                 str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not list(cache.glob("*/.model-rank-*.fetch-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        dying.stop(signal.SIGKILL)
+        start = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and stderr.count("\n") == 1, stderr[-3000:]
+    assert "S3" in stderr or "cannot reach" in stderr, stderr
+    assert time.monotonic() - start < 90
+    assert not processes_with_env(b"SHARDSTATE_TEST_MARKER=s3-dying")
+    (cached,) = cache.iterdir()
+    assert not [p.name for p in cached.iterdir() if ".fetch-" in p.name]
+    assert not list(cached.glob("model-rank-*"))
