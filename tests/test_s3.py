@@ -175,3 +175,32 @@ def test_the_server_dying_mid_download_is_one_error_and_leaves_nothing(tmp_path)
     (cached,) = cache.iterdir()
     assert not [p.name for p in cached.iterdir() if ".fetch-" in p.name]
     assert not list(cached.glob("model-rank-*"))
+
+
+def test_two_torchrun_nodes_each_fetch_only_their_ranks_files(server, state, tmp_path):
+    """`torchrun --nnodes 2 --nproc-per-node 1` twice on this machine (static rendezvous on 127.0.0.1),
+    each "node" with its own cache: each cache ends up with its own rank's files only, and rank 0 prints
+    the local run's tokens."""
+    url = uploaded(server, state, "nodes")
+    port = _closed_port()
+    env = {**os.environ, **server.env()}
+    nodes = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+             "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python", str(BIN / "shardstate"),
+             "generate", url, "--tp", "2", *PROMPT, "--json", "--cache-dir", str(tmp_path / f"node{node}")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    (line,) = [ln for ln in outputs[0][0].splitlines() if ln.startswith("{")]
+    doc = json.loads(line)
+    local = generate(server, str(state), tmp_path / "unused")
+    assert [o["token_ids"] for o in doc["outputs"]] == [o["token_ids"] for o in local["outputs"]]
+    sizes = rank_sizes(state)
+    assert [r["bytes_fetched"] for r in doc["load"]] == [sizes[0], sizes[1]]
+    for node in (0, 1):
+        (cached,) = (tmp_path / f"node{node}").iterdir()
+        rank_files = sorted(p.name for p in cached.glob("model-rank-*"))
+        assert rank_files and all(name.startswith(f"model-rank-{node}-") for name in rank_files), rank_files
