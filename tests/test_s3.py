@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from rank_files import rank_tensors
 from s3_server import S3Server, s3_server
 from shardstate.convert import convert
 from shardstate.synthetic import make_llama_checkpoint
@@ -204,3 +205,25 @@ def test_two_torchrun_nodes_each_fetch_only_their_ranks_files(server, state, tmp
         (cached,) = (tmp_path / f"node{node}").iterdir()
         rank_files = sorted(p.name for p in cached.glob("model-rank-*"))
         assert rank_files and all(name.startswith(f"model-rank-{node}-") for name in rank_files), rank_files
+
+
+def test_convert_publishes_to_s3_like_upload(server, state, tmp_path):
+    """`convert SRC s3://...` stages locally, then uploads (manifest last); the result reshards back from
+    S3 (`convert s3://... OUT`, every rank fetched) to the bytes of a local reshard."""
+    url = f"s3://{BUCKET}/converted"
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    done = shardstate(server, "convert", str(state), url, "--tp", "1", *cache)
+    assert done.returncode == 0, done.stderr
+    names = sorted(o["Key"].removeprefix("converted/")
+                   for o in server.client().list_objects_v2(Bucket=BUCKET, Prefix="converted/")["Contents"])
+    assert "shardstate.json" in names and "model-rank-0-part-0.safetensors" in names
+    again = shardstate(server, "convert", str(state), url, "--tp", "1", *cache)
+    assert "already holds" in error_line(again)
+    back = shardstate(server, "convert", url, str(tmp_path / "tp2"), "--tp", "2", *cache)
+    assert back.returncode == 0, back.stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []  # staging removed
+    convert(state, tmp_path / "direct2", 2, max_part_bytes=150_000)
+    for rank in range(2):
+        assert rank_tensors(tmp_path / "tp2", rank).keys() == rank_tensors(tmp_path / "direct2", rank).keys()
+        assert all(a.equal(b) for a, b in zip(rank_tensors(tmp_path / "tp2", rank).values(),
+                                               rank_tensors(tmp_path / "direct2", rank).values(), strict=True))

@@ -91,7 +91,8 @@ def run_convert(args: argparse.Namespace) -> None:
     from shardstate.convert import convert
 
     report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force,
-                     show_progress=False if args.json else None, quantize=args.quantize, for_vllm=args.for_vllm)
+                     show_progress=False if args.json else None, quantize=args.quantize, for_vllm=args.for_vllm,
+                     cache_dir=args.cache_dir)
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
         return
@@ -207,13 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = commands.add_parser("convert", help="HF checkpoint -> sharded state (offline, one process, CPU)")
     conv.add_argument("src", type=location, help="a HF checkpoint or sharded state (s3://bucket/prefix too)")
-    conv.add_argument("out", type=Path)
+    conv.add_argument("out", type=location, help="a new directory, or an empty s3://bucket/prefix")
     conv.add_argument("--tp", type=tp_size, required=True)
     conv.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     conv.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE",
                       help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     add_quantize_option(conv, for_vllm=True)
+    add_cache_option(conv)
     conv.add_argument("--json", action="store_true")
 
     save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")

@@ -7,6 +7,8 @@ memory holds one parameter's sources at a time."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from shardstate.errors import ShardstateError
 from shardstate.format.manifest import new_state_id
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.io.reader import ReadAccount
+from shardstate.io.s3 import is_s3
 from shardstate.models import build_on_meta, open_model, quantize_after_load
 from shardstate.parallel.distributed import TPGroup
 from shardstate.progress import Progress
@@ -22,6 +25,8 @@ from shardstate.quant.methods import method_named
 from shardstate.sources import CheckpointSource, QuantizingSource, ShardedSource, TensorSource
 from shardstate.store.model_dir import fetch_every_rank
 from shardstate.store.output import staged_output
+from shardstate.store.remote import default_cache_root
+from shardstate.store.upload import empty_prefix, upload_state
 from shardstate.store.writer import StatePlan, complete_state
 
 
@@ -35,7 +40,7 @@ class ConvertReport:
 
 def convert(
     src: str | Path,  # a local directory, or s3://bucket/prefix (a sharded state)
-    out: str | Path,
+    out: str | Path,  # a new local directory, or an empty s3://bucket/prefix
     tp_size: int,
     dtype: str | None = None,
     max_part_bytes: int = 5 << 30,
@@ -43,13 +48,31 @@ def convert(
     show_progress: bool | None = None,
     quantize: str | None = None,
     for_vllm: bool = False,
+    cache_dir: Path | None = None,
 ) -> ConvertReport:
     """`show_progress` None: a progress line on stderr when it is a terminal. `quantize`: write the linear
     weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized. `for_vllm`: a
-    quantized state also gets what vLLM's loader needs (quant/vllm.py)."""
+    quantized state also gets what vLLM's loader needs (quant/vllm.py). An s3:// OUT is written to a
+    local staging directory (under the node cache, `cache_dir`), then uploaded as `shardstate upload` does;
+    an s3:// SRC is fetched into that cache."""
+    if is_s3(out):
+        if force:
+            raise ShardstateError("--force does not replace objects in object storage", None,
+                                  "convert to a new prefix")
+        empty_prefix(str(out))  # before the work, not after
+        cache = cache_dir or default_cache_root()
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".shardstate-convert-", dir=cache))
+        try:
+            report = convert(src, staging / "state", tp_size, dtype, max_part_bytes, False, show_progress, quantize,
+                             for_vllm, cache_dir)
+            upload_state(staging / "state", str(out))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return report
     start = time.perf_counter()
     out = Path(out)
-    model = open_model(src, dtype)
+    model = open_model(src, dtype, cache_dir)
     fetch_every_rank(model.directory)  # an s3:// SRC: a reshard reads every rank
     src = model.directory.path  # absolute; an s3:// SRC's node cache
     config, torch_dtype, state = model.config, model.dtype, model.directory.state

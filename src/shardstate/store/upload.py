@@ -17,6 +17,16 @@ from shardstate.io.s3 import DEFAULT_RANGES, S3Location, S3Store
 PARALLEL_FILES = 4
 
 
+def empty_prefix(url: str) -> S3Store:
+    """The store of `url`, refused unless nothing is there yet."""
+    store = S3Store(S3Location.parse(url))
+    existing = store.names()
+    if existing:
+        raise ShardstateError(f"{store.location.url()} already holds {len(existing)} object(s) (e.g. {existing[0]})",
+                              None, "upload to a new prefix; shardstate never overwrites what it did not write")
+    return store
+
+
 @dataclass(frozen=True)
 class UploadReport:
     url: str
@@ -37,12 +47,8 @@ def upload_state(directory: str | Path, url: str, parallel: int = DEFAULT_RANGES
         if size != record["size"]:
             found = "missing" if size is None else f"{size} bytes, the manifest says {record['size']}"
             raise ShardstateError(f"{name} is {found}", root, "run `shardstate verify` and re-create the state")
-    location = S3Location.parse(url)
-    store = S3Store(location)
-    existing = store.names()
-    if existing:
-        raise ShardstateError(f"{location.url()} already holds {len(existing)} object(s) (e.g. {existing[0]})", None,
-                              "upload to a new prefix; shardstate never overwrites what it did not write")
+    store = empty_prefix(url)
+    location = store.location
     rank_files = sorted(manifest.files)
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
         for future in [pool.submit(store.upload, root / name, name, parallel) for name in rank_files]:
