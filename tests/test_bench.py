@@ -41,6 +41,10 @@ def test_bench_smoke(tmp_path):
         bf16 = quantized["bf16", cache]["bytes_per_rank"]
         assert all(q < b for q, b in zip(quantized["int8", cache]["bytes_per_rank"], bf16, strict=True))
     assert "| fp8 | cold |" in (tmp_path / "out" / "quantized-loads.md").read_text()
+    remote = {r["name"]: r for r in results["remote"]}
+    own, whole = remote["boto3, own files"]["bytes_per_rank"], remote["boto3, whole state"]["bytes_per_rank"]
+    assert remote["shardstate (fetch + check + load)"]["bytes_per_rank"] == own  # each rank fetched its files
+    assert whole == [sum(own)] * 2
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rank_files import rank_tensors
-from s3_server import S3Server, s3_server
+from shardstate.benchmark.seaweedfs import S3Server, s3_server
 from shardstate.convert import convert
 from shardstate.synthetic import make_llama_checkpoint
 from test_worker_failures import processes_with_env

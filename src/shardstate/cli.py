@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: bf16, int8 and fp8 states of the demo model (at its TP=3): bytes per rank, "
                             "load and generation time, peak RSS, greedy tokens equal to bf16; and of the benchmark "
                             "model (at --tp): bytes per rank, load time (warm, cold), peak RSS")
+    bench.add_argument("--remote", action="store_true",
+                       help="instead: the benchmark model's state from SeaweedFS on 127.0.0.1 (at --tp): shardstate's "
+                            "per-rank fetch and load against plain boto3 downloads of the same bytes and of the "
+                            "whole state")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -300,6 +304,12 @@ def run_bench(args: argparse.Namespace) -> None:
     from shardstate.demo import cache_dir
 
     one_tp = args.tp[0] if args.tp else 2
+    if args.remote:
+        from shardstate.benchmark.remote import run_remote
+
+        rows = run_remote(args.out, args.cache_dir or cache_dir() / "bench", one_tp, args.smoke)
+        print(f"wrote {args.out}/remote.json, remote.md ({len(rows)} ways)")
+        return
     if args.quantized:
         from shardstate.benchmark.quantized import run_quantized, run_quantized_loads
 

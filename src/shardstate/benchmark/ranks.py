@@ -63,7 +63,7 @@ def _child(
         queue.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_ranks(fn: str, rank_files: list[list[Path]], *extra: Any) -> list[dict]:
+def run_ranks(fn: str, rank_files: list[list[Path]] | list[list[str]], *extra: Any) -> list[dict]:
     """Run `fn` in one process per rank; each gets its own files; results in rank order."""
     context = mp.get_context("spawn")
     tp_size = len(rank_files)
@@ -93,3 +93,24 @@ def run_ranks(fn: str, rank_files: list[list[Path]], *extra: Any) -> list[dict]:
     if errors:
         raise RuntimeError(errors[0])
     return sorted(results, key=lambda r: r["rank"])
+
+
+def s3_download(rank: int, tp_size: int, names: list[str], barrier: Any, url: str) -> dict:
+    """Plain boto3: each object downloaded into memory with s3transfer's parallel ranged GETs (its
+    defaults), nothing written or checked: the remote yardstick."""
+    import io
+
+    import boto3
+
+    from shardstate.io.s3 import S3Location
+
+    location = S3Location.parse(url)
+    client = boto3.client("s3")
+    barrier.wait()
+    start = time.perf_counter()
+    nbytes = 0
+    for name in names:
+        buffer = io.BytesIO()
+        client.download_fileobj(location.bucket, location.key(name), buffer)
+        nbytes += buffer.tell()
+    return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": nbytes, "peak_rss": peak_rss_bytes()}

