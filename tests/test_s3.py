@@ -227,3 +227,19 @@ def test_convert_publishes_to_s3_like_upload(server, state, tmp_path):
         assert rank_tensors(tmp_path / "tp2", rank).keys() == rank_tensors(tmp_path / "direct2", rank).keys()
         assert all(a.equal(b) for a, b in zip(rank_tensors(tmp_path / "tp2", rank).values(),
                                                rank_tensors(tmp_path / "direct2", rank).values(), strict=True))
+
+
+def test_crc32_of_ranges_combines_to_the_files():
+    """Fetched ranges' crc32s fold into the file's (zlib's crc32_combine, written here)."""
+    import random
+    import zlib
+
+    from shardstate.io.crc32 import crc32_combine
+
+    rng = random.Random(0)
+    for _ in range(30):
+        parts = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(rng.randrange(1, 5))]
+        crc = 0
+        for part in parts:
+            crc = crc32_combine(crc, zlib.crc32(part), len(part))
+        assert crc == zlib.crc32(b"".join(parts))

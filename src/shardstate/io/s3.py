@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstate.errors import ShardstateError
+from shardstate.io.crc32 import crc32_combine
 
 SCHEME = "s3://"
 RANGE_BYTES = 16 << 20  # one ranged GET
@@ -138,28 +140,33 @@ class S3Store:
                                       None, "the object is truncated or changed: upload the state again")
             done += got
 
-    def fetch(self, name: str, size: int, out: Path, ranges: int = DEFAULT_RANGES) -> None:
+    def fetch(self, name: str, size: int, out: Path, ranges: int = DEFAULT_RANGES) -> int:
         """The object (of `size` bytes) into the new file `out`, `ranges` ranged GETs at a time, each read
-        into its own buffer and written at its offset."""
+        into its own buffer and written at its offset; returns the file's crc32. (Not fsynced: whoever
+        uses the file checks it first.)"""
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.ftruncate(fd, size)
             local = threading.local()
 
-            def one(start: int) -> None:
+            def one(start: int) -> int:
                 length = min(RANGE_BYTES, size - start)
                 if getattr(local, "buffer", None) is None:
                     local.buffer = bytearray(RANGE_BYTES)
                 view = memoryview(local.buffer)[:length]
                 self.read_into(name, start, view)
                 os.pwrite(fd, view, start)
+                return zlib.crc32(view)
 
+            starts = range(0, size, RANGE_BYTES)
             with ThreadPoolExecutor(max_workers=max(1, ranges)) as pool:
-                for future in [pool.submit(one, start) for start in range(0, size, RANGE_BYTES)]:
-                    future.result()
-            os.fsync(fd)
+                crcs = [future.result() for future in [pool.submit(one, start) for start in starts]]
         finally:
             os.close(fd)
+        crc = 0
+        for start, part in zip(starts, crcs, strict=True):
+            crc = crc32_combine(crc, part, min(RANGE_BYTES, size - start))
+        return crc
 
     def upload(self, path: Path, name: str, parallel: int = DEFAULT_RANGES) -> None:
         """A local file as one object (multipart, `parallel` parts at a time, past 64 MiB)."""

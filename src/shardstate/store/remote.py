@@ -111,8 +111,7 @@ def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> Fet
                                   None, "the object is truncated or was replaced: upload the state again")
         temporary = origin.cache / f".{name}.fetch-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            store.fetch(name, size, temporary, origin.ranges)
-            if not file_matches(temporary, record["size"], record["crc32"]):
+            if store.fetch(name, size, temporary, origin.ranges) != record["crc32"]:
                 raise ShardstateError(f"{origin.location.url(name)} does not match its checksum in the manifest",
                                       None, "the object changed since it was uploaded: upload the state again")
             os.replace(temporary, path)
