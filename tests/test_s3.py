@@ -99,6 +99,10 @@ def test_each_rank_fetches_only_its_own_files_once(server, state, tmp_path):
     assert repaired["load"][1]["fetched_files"] == [damaged.name]
     inspected = shardstate(server, "inspect", url, "--json", "--cache-dir", str(tmp_path / "cache"))
     assert inspected.returncode == 0 and json.loads(inspected.stdout)["tp_size"] == 2, inspected.stderr
+    verified = shardstate(server, "verify", url, "--json", "--cache-dir", str(tmp_path / "fresh"))
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stderr  # every rank fetched
+    sliced = shardstate(server, "generate", url, "--load-format", "sliced", *PROMPT, "--cache-dir", str(tmp_path / "c"))
+    assert "--load-format sliced reads local Hugging Face checkpoints" in error_line(sliced)
 
 
 def test_upload_refuses_a_prefix_that_holds_objects(server, state):

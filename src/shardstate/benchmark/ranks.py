@@ -112,5 +112,5 @@ def s3_download(rank: int, tp_size: int, names: list[str], barrier: Any, url: st
     for name in names:
         buffer = io.BytesIO()
         client.download_fileobj(location.bucket, location.key(name), buffer)
-        nbytes += buffer.tell()
+        nbytes += len(buffer.getbuffer())
     return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": nbytes, "peak_rss": peak_rss_bytes()}

@@ -48,6 +48,7 @@ def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) ->
                 server.client().create_bucket(Bucket=BUCKET)
                 url = f"s3://{BUCKET}/{state.name}"
                 upload_state(state, url)
+                run_ranks("s3_download", every, url)  # untimed: the server's files in its page cache for all
                 for _ in range(1 if smoke else REPEATS):
                     rows.append(_shardstate_row(url, tp, work))
                     rows.append({"name": "boto3, own files", **summarize(run_ranks("s3_download", own, url))})
