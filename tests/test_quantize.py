@@ -231,3 +231,27 @@ def test_for_vllm_and_quantized_checkpoints_refused(checkpoint, tmp_path):
         result = subprocess.run([bin_dir / "shardstate", *args], capture_output=True, text=True)
         assert result.returncode == 1 and result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantized_linear_equals_the_dequantized_weights_product(dtype):
+    """`linear` never materialises the dequantized weight; it must still give x @ (q * s).T: for int8 and
+    fp8, input dims that torch's int8 kernel handles and ones it gets wrong in bf16 (K % 16 != 0), one
+    token and several, and fp16 activations large enough that the unscaled product would overflow."""
+    from shardstate.parallel.layers import linear
+    from shardstate.quant.methods import METHODS, row_absmax
+
+    torch.manual_seed(0)
+    for method in ("int8", "fp8"):
+        for k in (24, 64, 4096):
+            weight = torch.randn(48, k) * 0.02
+            scale = METHODS[method].scales(row_absmax(weight))
+            q = METHODS[method].quantize(weight, scale)
+            for m in (1, 5):
+                x = (torch.randn(2, m, k) * (20 if dtype == torch.float16 else 1)).to(dtype)
+                bias = torch.randn(48).to(dtype)
+                expected = (x.float() @ (q.float() * scale).T + bias.float())
+                got = linear(x, q, scale, bias)
+                assert got.dtype == dtype and got.shape == (2, m, 48) and torch.isfinite(got).all()
+                tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+                assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max(), (method, k, m)

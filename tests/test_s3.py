@@ -143,6 +143,15 @@ def test_refused_credentials_and_no_server(server, state, tmp_path):
     unreachable = shardstate(nobody, "generate", url, "--tp", "2", *PROMPT, "--cache-dir", str(tmp_path / "c"))
     assert "cannot reach the S3 endpoint" in error_line(unreachable)
     assert time.monotonic() - start < 60
+    schemeless = S3Server("127.0.0.1:1", tmp_path)
+    bad_endpoint = shardstate(schemeless, "inspect", url, "--cache-dir", str(tmp_path / "c"))
+    assert "cannot use the S3 endpoint '127.0.0.1:1'" in error_line(bad_endpoint)
+    (tmp_path / "a-file").write_text("not a directory")
+    cache_is_a_file = shardstate(server, "inspect", url, "--cache-dir", str(tmp_path / "a-file"))
+    assert "cannot create the cache directory" in error_line(cache_is_a_file)
+    save_to_s3 = shardstate(server, "save", str(state), f"s3://{BUCKET}/saved", "--tp", "2")
+    assert "save writes a local directory" in error_line(save_to_s3)
+    assert not (Path.cwd() / "s3:").exists()
 
 
 def _closed_port() -> int:

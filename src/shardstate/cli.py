@@ -105,6 +105,9 @@ def run_convert(args: argparse.Namespace) -> None:
 def run_save(args: argparse.Namespace) -> None:
     from shardstate.store.output import check_output
 
+    if is_s3(args.out):
+        raise ShardstateError("save writes a local directory", None,
+                              f"save to a directory, then `shardstate upload DIR {args.out}`")
     start = time.perf_counter()
     if not is_s3(args.src):  # before starting workers; checked again when publishing
         check_output(args.out, args.src, args.force)
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     save = commands.add_parser("save", help="load SRC on TP workers, then each rank writes its own live state")
     save.add_argument("src", type=location, help="a HF checkpoint or sharded state (s3://bucket/prefix too)")
     add_cache_option(save)
-    save.add_argument("out", type=Path)
+    save.add_argument("out", type=location)
     save.add_argument("--tp", type=tp_size, required=True)
     save.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")

@@ -75,7 +75,7 @@ class S3Server:
             try:
                 self.client().list_buckets()
                 return
-            except Exception:
+            except Exception:  # not up yet (a stop signal goes through: the caller's `finally` stops it)
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"SeaweedFS did not start; see {self.log}") from None
@@ -98,8 +98,8 @@ class S3Server:
 def s3_server(directory: Path) -> Iterator[S3Server]:
     directory.mkdir(parents=True, exist_ok=True)
     server = S3Server(f"http://127.0.0.1:{_base_port()}", directory)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardstate.errors import ShardstateError
+from shardstate.errors import ShardstateError, failing_as
 from shardstate.io.crc32 import crc32_combine
 
 SCHEME = "s3://"
@@ -28,6 +28,7 @@ DEFAULT_RANGES = 8  # parallel GETs per file
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
 ATTEMPTS = 4  # botocore's retries, with its exponential backoff
+CACHE_TODO = "free space in the cache directory (--cache-dir), or choose another"
 
 
 def is_s3(location: str | os.PathLike[str]) -> bool:
@@ -56,16 +57,23 @@ class S3Location:
 
 
 def _client() -> Any:
-    import boto3
-    from botocore.config import Config
-
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ShardstateError("s3:// locations need boto3, which is not installed", None,
+                              "pip install 'shardstate[s3]'") from None
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
         retries={"max_attempts": ATTEMPTS, "mode": "standard"},
         request_checksum_calculation="when_required", response_checksum_validation="when_required",
         max_pool_connections=32,
     )
-    return boto3.session.Session().client("s3", config=config)
+    try:
+        return boto3.session.Session().client("s3", config=config)
+    except ValueError as exc:  # e.g. an AWS_ENDPOINT_URL without a scheme
+        raise ShardstateError(f"cannot use the S3 endpoint {os.environ.get('AWS_ENDPOINT_URL')!r} ({exc})", None,
+                              "set AWS_ENDPOINT_URL to a URL such as http://host:port") from None
 
 
 def _failure(exc: BaseException, url: str) -> ShardstateError:
@@ -91,6 +99,12 @@ def _failure(exc: BaseException, url: str) -> ShardstateError:
         return ShardstateError(f"S3 error {code or status} on {url}", None, "check the server's log")
     return ShardstateError(f"S3 transfer of {url} failed ({type(exc).__name__}: {str(exc)[:160]})", None,
                            f"check that the server at {endpoint} is up, then retry")
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 class S3Store:
@@ -144,9 +158,11 @@ class S3Store:
         """The object (of `size` bytes) into the new file `out`, `ranges` ranged GETs at a time, each read
         into its own buffer and written at its offset; returns the file's crc32. (Not fsynced: whoever
         uses the file checks it first.)"""
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with failing_as("cannot write", out, CACHE_TODO):
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.ftruncate(fd, size)
+            with failing_as("cannot write", out, CACHE_TODO):
+                os.ftruncate(fd, size)
             local = threading.local()
 
             def one(start: int) -> int:
@@ -155,12 +171,16 @@ class S3Store:
                     local.buffer = bytearray(RANGE_BYTES)
                 view = memoryview(local.buffer)[:length]
                 self.read_into(name, start, view)
-                os.pwrite(fd, view, start)
+                with failing_as("cannot write", out, CACHE_TODO):
+                    _write_all(fd, view, start)
                 return zlib.crc32(view)
 
             starts = range(0, size, RANGE_BYTES)
-            with ThreadPoolExecutor(max_workers=max(1, ranges)) as pool:
+            pool = ThreadPoolExecutor(max_workers=max(1, ranges))
+            try:
                 crcs = [future.result() for future in [pool.submit(one, start) for start in starts]]
+            finally:  # a failed range: the ranges not started yet are dropped, not fetched in vain
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             os.close(fd)
         crc = 0

@@ -26,14 +26,17 @@ def spec_parameter(data: torch.Tensor, spec: ShardSpec) -> nn.Parameter:
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias). A quantized weight (quant/) [N, K] with fp32 per-row scales [N, 1] is not
-    dequantized: the product with its values (exact in bf16/fp16/fp32) is multiplied by the scales in
+    dequantized in bf16/fp32: the product with its values (exact there) is multiplied by the scales in
     fp32, x @ (q * s).T = (x @ q.T) * s.T. On CPU, int8 uses torch's weight-only int8 kernel (with unit
-    scales: it would round ours to the activation dtype)."""
+    scales: it would round ours to the activation dtype; only for K % 32 == 0, where it is right for bf16
+    too). fp16 cannot hold the unscaled product (up to qmax times the output): it dequantizes first."""
     if scale is None:
         return F.linear(x, weight, bias)
-    if weight.dtype == torch.int8 and x.device.type == "cpu":
+    if x.dtype == torch.float16:
+        return F.linear(x, (weight.float() * scale).to(x.dtype), bias)
+    if weight.dtype == torch.int8 and x.device.type == "cpu" and x.shape[-1] % 32 == 0:
         ones = torch.ones(weight.shape[0], dtype=x.dtype)
-        product = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight, ones)
+        product = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight, ones)
         product = product.view(*x.shape[:-1], weight.shape[0])
     else:
         product = F.linear(x, weight.to(x.dtype))

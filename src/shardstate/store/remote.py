@@ -14,20 +14,24 @@ import hashlib
 import os
 import re
 import secrets
+import socket
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardstate.errors import ShardstateError
+from shardstate.errors import ShardstateError, failing_as
 from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import open_regular
-from shardstate.io.s3 import DEFAULT_RANGES, S3Location, S3Store
+from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, S3Location, S3Store
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
 CHUNK = 16 << 20
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.fetch-(?P<pid>\d+)-[0-9a-f]{8}")
+# Temporaries are named `.NAME.fetch-HOST-PID-RANDOM`: a cache may be shared by hosts (NFS), and only this
+# host can tell whether one of its processes is gone.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.fetch-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def default_cache_root() -> Path:
@@ -67,10 +71,16 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int = DEFAU
     holds a manifest only with the side files it names."""
     location = S3Location.parse(url)
     store = S3Store(location)
-    directory = cache_directory(location, cache_root or default_cache_root())
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = cache_directory(location, (cache_root or default_cache_root()).absolute())
+    with failing_as("cannot create the cache directory", directory, CACHE_TODO):
+        directory.mkdir(parents=True, exist_ok=True)
     manifest_bytes = _read_manifest_bytes(store, location)
-    manifest = parse_manifest(loads_strict(manifest_bytes), directory / MANIFEST_NAME)
+    try:
+        doc = loads_strict(manifest_bytes)
+    except ValueError as exc:
+        raise ShardstateError(f"{location.url(MANIFEST_NAME)} is not a valid manifest ({exc})", None,
+                              "upload the state again") from None
+    manifest = parse_manifest(doc, directory / MANIFEST_NAME)
     for name in manifest.side_files:
         _replace(directory, name, store.read_bytes(name))
     _replace(directory, MANIFEST_NAME, manifest_bytes)
@@ -109,7 +119,7 @@ def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> Fet
         if size != record["size"]:
             raise ShardstateError(f"{origin.location.url(name)} is {size} bytes, the manifest says {record['size']}",
                                   None, "the object is truncated or was replaced: upload the state again")
-        temporary = origin.cache / f".{name}.fetch-{os.getpid()}-{secrets.token_hex(4)}"
+        temporary = origin.cache / temporary_name(name)
         try:
             if store.fetch(name, size, temporary, origin.ranges) != record["crc32"]:
                 raise ShardstateError(f"{origin.location.url(name)} does not match its checksum in the manifest",
@@ -138,35 +148,33 @@ def file_matches(path: Path, size: int, crc32: int) -> bool:
     return crc == crc32
 
 
-def _write_new(directory: Path, name: str, data: bytes) -> Path:
-    """`data` in a new temporary file of `directory` (synced); its path."""
-    temporary = directory / f".{name}.fetch-{os.getpid()}-{secrets.token_hex(4)}"
-    with open(temporary, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return temporary
+def temporary_name(name: str) -> str:
+    return f".{name}.fetch-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _replace(directory: Path, name: str, data: bytes) -> None:
-    temporary = _write_new(directory, name, data)
+    """`directory/name` becomes `data`, whole, by rename."""
+    temporary = directory / temporary_name(name)
     try:
-        os.replace(temporary, directory / name)
+        with failing_as("cannot write", temporary, CACHE_TODO):
+            with open(temporary, "xb") as f:
+                f.write(data)
+            os.replace(temporary, directory / name)
     finally:
         temporary.unlink(missing_ok=True)
 
 
 def _remove_dead_temporaries(directory: Path, name: str) -> None:
     """Temporaries of `name` left by a fetch on this node whose process is gone (killed mid-download)."""
-    for path in directory.glob(f".{name}.fetch-*"):
+    for path in directory.glob(f".{name}.fetch-{HOST}-*"):
         match = TEMPORARY.fullmatch(path.name)
         if match and not _alive(int(match["pid"])):
             path.unlink(missing_ok=True)
 
 
 def remove_temporaries_of(directory: Path, pid: int) -> None:
-    """Every temporary a fetching process (`pid`, now dead) left in the cache directory."""
-    for path in directory.glob(f".*.fetch-{pid}-*"):
+    """Every temporary a fetching process of this host (`pid`, now dead) left in the cache directory."""
+    for path in directory.glob(f".*.fetch-{HOST}-{pid}-*"):
         if TEMPORARY.fullmatch(path.name):
             path.unlink(missing_ok=True)
 
