@@ -44,8 +44,8 @@ def state(tmp_path_factory) -> Path:
 
 
 def shardstate(server: S3Server, *args: str, secret: str | None = None, timeout: float = 180,
-               ) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(server.env() if secret is None else server.env(secret))}
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(server.env() if secret is None else server.env(secret)), **(env or {})}
     return subprocess.run([str(BIN / "shardstate"), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -149,6 +149,9 @@ def test_refused_credentials_and_no_server(server, state, tmp_path):
     (tmp_path / "a-file").write_text("not a directory")
     cache_is_a_file = shardstate(server, "inspect", url, "--cache-dir", str(tmp_path / "a-file"))
     assert "cannot create the cache directory" in error_line(cache_is_a_file)
+    bad_ranges = shardstate(server, "inspect", url, "--cache-dir", str(tmp_path / "c"),
+                            env={"SHARDSTATE_S3_RANGES": "0"})
+    assert "SHARDSTATE_S3_RANGES='0' is not an integer from 1 to 64" in error_line(bad_ranges)
     save_to_s3 = shardstate(server, "save", str(state), f"s3://{BUCKET}/saved", "--tp", "2")
     assert "save writes a local directory" in error_line(save_to_s3)
     assert not (Path.cwd() / "s3:").exists()
@@ -197,7 +200,7 @@ def test_two_torchrun_nodes_each_fetch_only_their_ranks_files(server, state, tmp
     the local run's tokens."""
     url = uploaded(server, state, "nodes")
     port = _closed_port()
-    env = {**os.environ, **server.env()}
+    env = {**os.environ, **server.env(), "SHARDSTATE_S3_RANGES": "16"}
     nodes = [
         subprocess.Popen(
             [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),

@@ -34,8 +34,23 @@ HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.fetch-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
+RANGES_ENV = "SHARDSTATE_S3_RANGES"
+MAX_RANGES = 64
+
+
 def default_cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shardstate" / "remote")
+
+
+def ranges_in_flight() -> int:
+    """Ranged GETs in flight per file: $SHARDSTATE_S3_RANGES (1..64), default 8."""
+    text = os.environ.get(RANGES_ENV)
+    if text is None:
+        return DEFAULT_RANGES
+    if not text.isdigit() or not 1 <= int(text) <= MAX_RANGES:
+        raise ShardstateError(f"{RANGES_ENV}={text!r} is not an integer from 1 to {MAX_RANGES}", None,
+                              f"set it to 8-16, or unset it (default {DEFAULT_RANGES})")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ def cache_directory(location: S3Location, cache_root: Path) -> Path:
     return cache_root / f"{location.bucket}-{digest}"
 
 
-def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int = DEFAULT_RANGES) -> RemoteOrigin:
+def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None = None) -> RemoteOrigin:
     """The manifest, config.json and side files of the state at `url` into this node's cache (each
     replaced whole). The manifest is read before the others and written last, so the cache directory
     holds a manifest only with the side files it names."""
@@ -84,7 +99,7 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int = DEFAU
     for name in manifest.side_files:
         _replace(directory, name, store.read_bytes(name))
     _replace(directory, MANIFEST_NAME, manifest_bytes)
-    return RemoteOrigin(location.url(), directory, ranges)
+    return RemoteOrigin(location.url(), directory, ranges or ranges_in_flight())
 
 
 def _read_manifest_bytes(store: S3Store, location: S3Location) -> bytes:
