@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstate.memory import peak_rss_bytes
-from shardstate.runtime.lifeline import lifeline, sigint_ignored, watch_driver
+from shardstate.runtime.lifeline import lifeline, starting_worker, watch_driver
 
 
 def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
@@ -77,7 +77,7 @@ def run_ranks(fn: str, rank_files: list[list[Path]] | list[list[str]], *extra: A
     done = False
     try:
         for proc in procs:
-            with sigint_ignored():
+            with starting_worker():
                 proc.start()
         worker_end.close()
         results = [queue.get(timeout=600) for _ in procs]

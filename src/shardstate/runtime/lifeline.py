@@ -39,19 +39,27 @@ def lifeline(context: BaseContext) -> tuple[Connection, Connection]:
 
 
 @contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
+def starting_worker() -> Iterator[None]:
     """Start a worker with SIGINT ignored (a disposition it inherits, and that Python keeps at start-up),
-    so a terminal's Ctrl-C while it imports torch reaches only the driver. A Ctrl-C in the milliseconds
-    the start takes is lost. (Handlers belong to the main thread: from another, the worker starts as it
-    is and ignores SIGINT once `watch_driver` runs.)"""
+    so a terminal's Ctrl-C while it imports torch reaches only the driver; a Ctrl-C in the milliseconds
+    the start takes is lost. A SIGTERM or SIGHUP in those milliseconds is held until the start returns:
+    acted on inside `Process.start()`, it would cut the pipe the new process reads its start-up data
+    from, and that process would print a traceback. (Handlers belong to the main thread: from another,
+    the worker starts as it is and ignores SIGINT once `watch_driver` runs.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held: list[int] = []
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def watch_driver(end: Connection) -> None:

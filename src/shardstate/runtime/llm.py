@@ -30,7 +30,7 @@ from shardstate.models import (
     quantize_after_load,
 )
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
-from shardstate.runtime.lifeline import lifeline, sigint_ignored
+from shardstate.runtime.lifeline import lifeline, starting_worker
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
 from shardstate.stops import forget, on_default_death
@@ -140,7 +140,7 @@ class LLM:
                     args=(child, worker_end, rank, tensor_parallel_size, init_method, threads, timeout),
                     daemon=True,
                 )
-                with sigint_ignored():  # inherited: a Ctrl-C while the worker starts up is for the driver
+                with starting_worker():  # inherited: a Ctrl-C while the worker starts up is for the driver
                     proc.start()
                 child.close()
                 worker_end.close()
