@@ -109,6 +109,9 @@ def test_upload_refuses_a_prefix_that_holds_objects(server, state):
     uploaded(server, state, "twice")
     again = shardstate(server, "upload", str(state), f"s3://{BUCKET}/twice")
     assert f"s3://{BUCKET}/twice already holds" in error_line(again)
+    server.client().delete_object(Bucket=BUCKET, Key="twice/shardstate.json")  # as an upload stopped half-way
+    unfinished = shardstate(server, "upload", str(state), f"s3://{BUCKET}/twice")
+    assert "and no manifest: an upload that did not finish" in error_line(unfinished)
 
 
 def test_objects_changed_truncated_or_missing_are_refused_naming_them(server, state, tmp_path):

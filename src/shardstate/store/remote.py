@@ -138,7 +138,8 @@ def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> Fet
         try:
             if store.fetch(name, size, temporary, origin.ranges) != record["crc32"]:
                 raise ShardstateError(f"{origin.location.url(name)} does not match its checksum in the manifest",
-                                      None, "the object changed since it was uploaded: upload the state again")
+                                      None, "the object changed since it was uploaded: upload again, from a "
+                                      "directory that passes `shardstate verify`")
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
