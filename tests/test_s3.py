@@ -1,6 +1,7 @@
-"""Sharded states in object storage, against a real S3-compatible server (SeaweedFS on 127.0.0.1, started
-and stopped here): `upload`, then `generate s3://...` where each rank fetches only its own rank files
-into the node cache, checked against the manifest; a second load fetches nothing; every failure (a
+"""Sharded states and Hugging Face checkpoints in object storage, against a real S3-compatible server
+(SeaweedFS on 127.0.0.1, started and stopped here): `upload`, then `generate s3://...` where each rank
+fetches only its own rank files into the node cache, checked against the manifest; a second load fetches
+nothing; a HF checkpoint read in place by the sliced and default loaders and by convert; every failure (a
 changed, truncated or missing object, refused credentials, no server, the server dying mid-download) is
 one line, and leaves nothing half-written in the cache."""
 
@@ -15,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rank_files import rank_tensors
 from shardstate.benchmark.seaweedfs import S3Server, s3_server
 from shardstate.convert import convert
+from shardstate.runtime.llm import LLM
 from shardstate.synthetic import make_llama_checkpoint
 from test_worker_failures import processes_with_env
 
@@ -102,7 +105,45 @@ def test_each_rank_fetches_only_its_own_files_once(server, state, tmp_path):
     verified = shardstate(server, "verify", url, "--json", "--cache-dir", str(tmp_path / "fresh"))
     assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stderr  # every rank fetched
     sliced = shardstate(server, "generate", url, "--load-format", "sliced", *PROMPT, "--cache-dir", str(tmp_path / "c"))
-    assert "--load-format sliced reads local Hugging Face checkpoints" in error_line(sliced)
+    assert "--load-format sliced reads Hugging Face checkpoints; this is a sharded state" in error_line(sliced)
+
+
+def test_a_hf_checkpoint_in_s3_loads_sliced_and_default_and_converts(server, tmp_path, monkeypatch):
+    """Weight objects read in place (no copy in the cache): the sliced loader's ranks read only the extents of
+    their slices, the default loader's every byte; both give exactly the local load's weights, and `convert`
+    from the s3:// checkpoint writes exactly what it writes from the local one."""
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    src = make_llama_checkpoint(tmp_path / "hf", seed=7, initializer_range=0.1, max_shard_size="100KB")
+    assert (src / "model.safetensors.index.json").exists()
+    client = server.client()
+    for path in src.iterdir():
+        client.upload_file(str(path), BUCKET, f"hf/{path.name}")
+    url, cache = f"s3://{BUCKET}/hf", tmp_path / "cache"
+    weight_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    with LLM(src, tensor_parallel_size=2, load_format="default") as local:
+        expected = local.rank_state_dicts()
+    for load_format in ("sliced", "default"):
+        with LLM(url, tensor_parallel_size=2, load_format=load_format, cache_dir=cache) as remote:
+            for theirs, ours in zip(expected, remote.rank_state_dicts(), strict=True):
+                assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+            read = [report.bytes_read for report in remote.load_reports]
+        if load_format == "sliced":
+            assert all(n < 0.8 * weight_bytes for n in read), (read, weight_bytes)
+        else:
+            assert all(n >= weight_bytes - 100_000 for n in read), (read, weight_bytes)  # every tensor, not headers
+    (cached,) = cache.iterdir()
+    assert not list(cached.glob("*.safetensors"))  # read in place, never copied
+    convert(url, tmp_path / "from-s3", 2, cache_dir=cache)
+    convert(src, tmp_path / "from-disk", 2)
+    for rank in range(2):
+        theirs, ours = rank_tensors(tmp_path / "from-disk", rank), rank_tensors(tmp_path / "from-s3", rank)
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    manifests = [json.loads((tmp_path / d / "shardstate.json").read_text()) for d in ("from-disk", "from-s3")]
+    assert manifests[0]["source"] == manifests[1]["source"]
+    client.put_object(Bucket=BUCKET, Key="config-only/config.json", Body=(src / "config.json").read_bytes())
+    lone = shardstate(server, "generate", f"s3://{BUCKET}/config-only", *PROMPT, "--cache-dir", str(cache))
+    assert "holds no shardstate.json and no *.safetensors weight files" in error_line(lone)
 
 
 def test_upload_refuses_a_prefix_that_holds_objects(server, state):

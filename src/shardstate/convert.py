@@ -85,7 +85,7 @@ def convert(
     params = dict(build_on_meta(config, TPGroup(0, tp_size), torch_dtype, quantization).named_parameters())
     plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id(),
                           model.state_config_json(quantization, for_vllm), quantization=quantization)
-    with staged_output(out, src, force) as tmp, ReadAccount() as account:
+    with staged_output(out, src, force) as tmp, ReadAccount(model.directory.weight_files()) as account:
         source: TensorSource = (
             CheckpointSource(src, model.specs(tp_size), account) if state is None else ShardedSource(model, account)
         )
@@ -94,7 +94,8 @@ def convert(
             quantized = {n for n, p in params.items() if p.dtype == method.dtype}
             source = QuantizingSource(source, method, torch_dtype, quantized)
         writers = [plan.writer(tmp, rank) for rank in range(tp_size)]
-        progress = Progress(f"convert to TP={tp_size}", sum(f.stat().st_size for f in source.files), show_progress)
+        source_sizes = account.sizes(source.files)
+        progress = Progress(f"convert to TP={tp_size}", sum(source_sizes.values()), show_progress)
         try:
             for name, param in params.items():
                 sources = source.tensors_for(name, param.spec)
@@ -107,6 +108,6 @@ def convert(
             progress.close()
             for writer in writers:
                 writer.abort()
-        manifest = complete_state(tmp, src, config, plan, [w.result() for w in writers], source.files)
+        manifest = complete_state(tmp, src, config, plan, [w.result() for w in writers], source_sizes)
     written = sum(f["size"] for f in manifest.files.values())
     return ConvertReport(time.perf_counter() - start, account.bytes_read, written, sorted(manifest.files))

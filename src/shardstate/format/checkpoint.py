@@ -9,6 +9,8 @@ from pathlib import Path
 from shardstate.errors import ShardstateError
 from shardstate.format.safetensors_header import SafetensorsHeader, TensorEntry, read_header
 from shardstate.io.files import read_regular
+from shardstate.io.reader import ReadAccount
+from shardstate.io.storage import RemoteFiles
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -29,8 +31,9 @@ class Checkpoint:
     tensors: dict[str, TensorLocation]
 
 
-def find_weight_files(root: Path) -> list[Path]:
-    """The checkpoint's safetensors files: from the index when there is one, else every *.safetensors."""
+def find_weight_files(root: Path, remote: RemoteFiles | None = None) -> list[Path]:
+    """The checkpoint's safetensors files: from the index when there is one, else every *.safetensors
+    (with `remote`, the objects it holds stand for the files of `root`)."""
     if not root.is_dir():
         raise ShardstateError("not a directory", root, "pass a Hugging Face model directory")
     index_path = root / INDEX_NAME
@@ -45,14 +48,15 @@ def find_weight_files(root: Path) -> list[Path]:
         files = []
         for name in names:
             file = root / name
-            if Path(name).name != name or not file.is_file():
+            present = remote.holds(file) if remote is not None else file.is_file()
+            if Path(name).name != name or not present:
                 raise ShardstateError(
                     f"index names '{name}', which is not a file of the checkpoint", index_path,
                     "restore the missing file or re-create the index",
                 )
             files.append(file)
         return files
-    files = sorted(root.glob("*.safetensors"))
+    files = sorted(root.glob("*.safetensors")) if remote is None else sorted(root / name for name in remote.sizes)
     if files:
         return files
     pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -64,10 +68,12 @@ def find_weight_files(root: Path) -> list[Path]:
     raise ShardstateError("no *.safetensors weight files", root, "pass a Hugging Face model directory")
 
 
-def open_checkpoint(root: str | Path) -> Checkpoint:
-    """Read and validate every header; a tensor present in two files is refused."""
+def open_checkpoint(root: str | Path, account: ReadAccount | None = None) -> Checkpoint:
+    """Read and validate every header (through `account`: object storage where it says so); a tensor
+    present in two files is refused."""
     root = Path(root)
-    headers = tuple(read_header(f) for f in find_weight_files(root))
+    files = find_weight_files(root, account.remote if account is not None else None)
+    headers = tuple(read_header(f, account.reader(f) if account is not None else None) for f in files)
     tensors: dict[str, TensorLocation] = {}
     for header in headers:
         for name, entry in header.tensors.items():

@@ -10,6 +10,8 @@ Modes:
 On a CUDA device, `read` goes through a small ring of pinned host buffers with asynchronous copies into
 one device allocation, overlapping disk reads with host-to-device copies; the same ring code runs on
 the CPU (unpinned, synchronous) where no GPU is present.
+Files are read through the storage protocol (io/storage.py): an object in S3 is read the same way, each
+16 MiB chunk one ranged GET straight into the arena, `parallel` of them in flight (read mode only).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.io.digests import StreamingDigests
-from shardstate.io.reader import ReadAccount, pread_exact
+from shardstate.io.reader import ReadAccount
 
 IO_MODES = ("read", "mmap", "direct")
 CHUNK = 16 << 20
@@ -119,48 +122,60 @@ def _cut(start: int, end: int, cuts: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _read_chunks(
-    arena: Arena, chunks: list[Chunk], threads: int, account: ReadAccount, flags: int, digests: StreamingDigests | None
-) -> None:
-    """Populate and fill each chunk of the arena from its file, feeding `digests` as pieces arrive."""
-    fds = {path: account.open_fd(path, flags) for path in {chunk.path for chunk in chunks}}
+class ByteSink(Protocol):
+    def feed(self, path: Path, offset: int, data: memoryview) -> None:
+        """`data` are the bytes of `path` from `offset`, just read (from any reader thread)."""
+        ...
 
-    step = CHUNK if digests is None else min(CHUNK, HASH_PIECE)
+
+def _read_chunks(arena: Arena, chunks: list[Chunk], threads: int, account: ReadAccount, flags: int,
+                 sinks: list[ByteSink]) -> None:
+    """Populate and fill each chunk of the arena from its file, feeding `sinks` as pieces arrive. A local
+    file is read in pieces small enough to be hashed while in cache when something is fed; an object
+    (each read a request) a chunk at a time, with as many chunks in flight as it asks for."""
+    readers = {path: account.reader(path, flags) for path in {chunk.path for chunk in chunks}}
+    threads = max([threads, *(reader.parallel for reader in readers.values())])
 
     def run(chunk: Chunk) -> int:
-        path, fd = chunk.path, fds[chunk.path]
+        reader = readers[chunk.path]
+        step = CHUNK if reader.remote or not sinks else min(CHUNK, HASH_PIECE)
         for at in range(0, chunk.length, CHUNK):
             arena.populate(chunk.arena_offset + at, min(CHUNK, chunk.length - at))
             for piece in range(at, min(at + CHUNK, chunk.length), step):
                 length = min(step, at + CHUNK - piece, chunk.length - piece)
                 view = arena.view(chunk.arena_offset + piece, length)
-                got = pread_exact(fd, view, chunk.offset + piece)
+                got = reader.read_into(chunk.offset + piece, view)
                 if got < min(length, chunk.needed - piece):
-                    raise ShardstateError(f"file ends before byte {chunk.offset + chunk.needed}", path,
+                    raise ShardstateError(f"file ends before byte {chunk.offset + chunk.needed}", chunk.path,
                                           "the file is truncated")
-                if digests is not None:
-                    digests.feed(path, chunk.offset + piece, view[:got])
+                for fed in range(0, got, HASH_PIECE):
+                    for sink in sinks:
+                        sink.feed(chunk.path, chunk.offset + piece + fed, view[fed : min(got, fed + HASH_PIECE)])
         return chunk.needed
 
     if threads > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(threads) as pool:
-            account.bytes_read += sum(pool.map(run, chunks))
+            futures = [pool.submit(run, chunk) for chunk in chunks]
+            try:
+                account.bytes_read += sum(future.result() for future in futures)
+            finally:  # a failed chunk: those not started yet are dropped, not read in vain
+                pool.shutdown(wait=True, cancel_futures=True)
     else:
         account.bytes_read += sum(run(chunk) for chunk in chunks)
 
 
 def read_spans(
     spans: list[Span], mode: str, account: ReadAccount, threads: int = 1, digests: StreamingDigests | None = None,
-    scratch: Scratch | None = None,
+    scratch: Scratch | None = None, sink: ByteSink | None = None,
 ) -> list[torch.Tensor]:
     """The bytes of each span as a uint8 CPU tensor (views of one arena, or of file mappings). In read
-    mode, `digests` is fed every byte as it arrives (chunks then start on its tensor boundaries); with
-    `scratch` the arena is reused from the previous call."""
+    mode, `digests` and `sink` are fed every byte as it arrives (chunks then start on the digests' tensor
+    boundaries); with `scratch` the arena is reused from the previous call."""
     if mode == "mmap":
         return [_map_span(span, account) for span in spans]
     if mode not in ("read", "direct"):
         raise ShardstateError(f"unknown I/O mode '{mode}'", None, f"use one of {', '.join(IO_MODES)}")
-    if digests is not None and mode != "read":
+    if (digests is not None or sink is not None) and mode != "read":
         raise ValueError("streaming digests need --io read (direct reads whole aligned blocks)")
     align = DIRECT_ALIGN if mode == "direct" else 1
     # Each span's region: in direct mode the aligned file range around it, placed at an aligned address.
@@ -178,7 +193,7 @@ def read_spans(
     ]
     flags = os.O_DIRECT if mode == "direct" else 0
     try:
-        _read_chunks(arena, chunks, threads, account, flags, digests)
+        _read_chunks(arena, chunks, threads, account, flags, [s for s in (digests, sink) if s is not None])
     except OSError as exc:
         raise ShardstateError(f"{mode} read failed ({exc.strerror})", spans[0].path if spans else None,
                               "use --io read on this filesystem") from None
@@ -213,7 +228,7 @@ def read_spans_to_device(
     buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(ring)]
     done_events: list = [None] * ring
     stream = torch.cuda.Stream(device) if cuda else None
-    fds = {span.path: account.open_fd(span.path) for span in spans}
+    readers = {span.path: account.reader(span.path) for span in spans}
     slot, out, views = 0, 0, []
     for span in spans:
         views.append(dest[out : out + span.size])
@@ -222,7 +237,7 @@ def read_spans_to_device(
             if done_events[slot] is not None:
                 done_events[slot].synchronize()  # the copy out of this buffer has finished
             host = buffers[slot][:length]
-            if pread_exact(fds[span.path], memoryview(host.numpy()), offset) < length:
+            if readers[span.path].read_into(offset, memoryview(host.numpy())) < length:
                 raise ShardstateError(f"file ends before byte {offset + length}", span.path, "the file is truncated")
             account.bytes_read += length
             if digests is not None:

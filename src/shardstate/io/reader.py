@@ -1,14 +1,14 @@
-"""pread-based reading into preallocated tensors, with an account of files opened and bytes read."""
+"""Reading into preallocated tensors through the storage protocol (io/storage.py), with an account of
+files opened and bytes read."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from shardstate.errors import ShardstateError
-from shardstate.io.files import open_regular
+from shardstate.io.storage import FetchReport, FileReader, LocalFile, RemoteFiles
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -18,47 +18,54 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def pread_exact(fd: int, dest: memoryview, offset: int) -> int:
-    """Fill `dest` from `fd` at `offset` (preadv until done or end of file); the bytes read."""
-    done = 0
-    while done < len(dest):
-        n = os.preadv(fd, [dest[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
 class ReadAccount:
-    """Open files once, pread into caller memory, and count files and bytes for the load report."""
+    """Open files once (a local file, or an object where `remote` holds the path), read into caller
+    memory, and count files and bytes for the load report."""
 
-    def __init__(self) -> None:
-        self._fds: dict[tuple[Path, int], int] = {}
+    def __init__(self, remote: RemoteFiles | None = None) -> None:
+        self.remote = remote
+        self.fetch = FetchReport()  # filled by a load from object storage
+        self._readers: dict[tuple[Path, int], FileReader] = {}
         self.files: list[str] = []  # every file opened, in order
         self.bytes_read = 0
         self.bytes_mapped = 0  # --io mmap: mapped now, read by the kernel when first touched
 
-    def open_fd(self, path: Path, flags: int = 0) -> int:
-        """The file opened read-only (plus `flags`, e.g. O_DIRECT), once; closed by `close`."""
-        fd = self._fds.get((path, flags))
-        if fd is None:
-            try:
-                fd = open_regular(path, flags)
-            except OSError as exc:
-                raise ShardstateError(f"cannot open ({exc.strerror})", path, "check the file exists") from None
-            self._fds[path, flags] = fd
+    def reader(self, path: Path, flags: int = 0) -> FileReader:
+        """The file opened for reading (plus `flags`, e.g. O_DIRECT, for a local one), once; closed by
+        `close`."""
+        reader = self._readers.get((path, flags))
+        if reader is None:
+            if self.remote is not None and self.remote.holds(path):
+                reader = self.remote.open(path)
+            else:
+                try:
+                    reader = LocalFile(path, flags)
+                except OSError as exc:
+                    raise ShardstateError(f"cannot open ({exc.strerror})", path, "check the file exists") from None
+            self._readers[path, flags] = reader
             if str(path) not in self.files:
                 self.files.append(str(path))
-        return fd
+        return reader
+
+    def sizes(self, paths: list[Path]) -> dict[str, int]:
+        """Each file's size, by name."""
+        return {path.name: self.reader(path).size for path in paths}
+
+    def open_fd(self, path: Path) -> int:
+        """A local file's descriptor (for mapping it)."""
+        reader = self.reader(path)
+        if not isinstance(reader, LocalFile):
+            raise ValueError(f"{path} is not a local file")
+        return reader.fd
 
     def note_header(self, path: Path, nbytes: int) -> None:
         """Count a header read elsewhere (format.read_header) against this file."""
-        self.open_fd(path)
+        self.reader(path)
         self.bytes_read += nbytes
 
     def read_into(self, path: Path, offset: int, dest: memoryview) -> None:
         """Fill `dest` from `path` at `offset` exactly; a short file is an error, not zeros."""
-        done = pread_exact(self.open_fd(path), dest, offset)
+        done = self.reader(path).read_into(offset, dest)
         if done < len(dest):
             raise ShardstateError(
                 f"file ends before byte {offset + len(dest)}", path, "the file is truncated: re-create it"
@@ -71,9 +78,9 @@ class ReadAccount:
         return tensor
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def __enter__(self) -> ReadAccount:
         return self

@@ -101,7 +101,7 @@ def _failure(exc: BaseException, url: str) -> ShardstateError:
                            f"check that the server at {endpoint} is up, then retry")
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
+def write_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written
@@ -131,13 +131,13 @@ class S3Store:
                          lambda: self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"])
         return self.call(self.location.url(name), body.read)
 
-    def names(self) -> list[str]:
-        """Every object under the prefix, relative to it."""
+    def objects(self) -> dict[str, int]:
+        """Every object under the prefix, by its name relative to it: its size."""
         prefix = self.location.key("")
-        found: list[str] = []
+        found: dict[str, int] = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.location.bucket, Prefix=prefix)
         for page in self.call(self.location.url(), lambda: list(pages)):
-            found.extend(item["Key"][len(prefix):] for item in page.get("Contents", []))
+            found.update((item["Key"][len(prefix):], int(item["Size"])) for item in page.get("Contents", []))
         return found
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
@@ -172,7 +172,7 @@ class S3Store:
                 view = memoryview(local.buffer)[:length]
                 self.read_into(name, start, view)
                 with failing_as("cannot write", out, CACHE_TODO):
-                    _write_all(fd, view, start)
+                    write_all(fd, view, start)
                 return zlib.crc32(view)
 
             starts = range(0, size, RANGE_BYTES)
@@ -197,3 +197,34 @@ class S3Store:
         key = self.location.key(name)
         self.call(self.location.url(name),
                   lambda: self.client.upload_file(str(path), self.location.bucket, key, Config=config))
+
+
+_stores: dict[S3Location, S3Store] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(location: S3Location) -> S3Store:
+    """This process's one S3Store (and client) per location."""
+    with _stores_lock:
+        if location not in _stores:
+            _stores[location] = S3Store(location)
+        return _stores[location]
+
+
+class ObjectFile:
+    """One object as a FileReader (io/storage.py): each read one ranged GET straight into the buffer."""
+
+    remote = True
+
+    def __init__(self, store: S3Store, name: str, size: int, parallel: int = DEFAULT_RANGES):
+        self.store, self.name, self.size, self.parallel = store, name, size, parallel
+        self.where = store.location.url(name)
+
+    def read_into(self, offset: int, buffer: memoryview) -> int:
+        length = max(0, min(len(buffer), self.size - offset))
+        if length:
+            self.store.read_into(self.name, offset, buffer[:length])
+        return length
+
+    def close(self) -> None:
+        pass

@@ -14,7 +14,6 @@ from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
 from shardstate.memory import peak_rss_bytes
 from shardstate.store.model_dir import ModelDir
-from shardstate.store.remote import FetchReport, fetch_rank_files
 
 LOADERS = {"default": load_default, "sliced": load_sliced, "sharded": load_sharded}
 LOAD_FORMATS = ("auto", *LOADERS)
@@ -22,9 +21,6 @@ LOAD_FORMATS = ("auto", *LOADERS)
 
 def resolve_load_format(load_format: str, directory: ModelDir) -> str:
     """`auto`: sharded when MODEL is a sharded state (a manifest, or vLLM's rank files), else default."""
-    if directory.remote is not None and load_format not in ("auto", "sharded"):
-        raise ShardstateError(f"--load-format {load_format} reads local Hugging Face checkpoints; "
-                              f"{directory.remote.url} is a sharded state", None, "use --load-format sharded (or auto)")
     if load_format == "auto":
         return "default" if directory.state is None else "sharded"
     if load_format not in LOADERS:
@@ -43,10 +39,8 @@ def load_weights(
     target = LoadTarget.of(model, rank, io)
     loader = LOADERS[resolve_load_format(load_format, directory)]
     start = time.perf_counter()
-    fetch = FetchReport()
-    if directory.remote is not None and directory.state is not None and directory.state.manifest is not None:
-        fetch = fetch_rank_files(directory.remote, directory.state.manifest, rank)
     account = loader(target, directory)
+    fetch = account.fetch
     device = torch.device(target.io.device)
     if device.type != "cpu":
         model.to(device)

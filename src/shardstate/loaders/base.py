@@ -76,7 +76,7 @@ class LoadTarget:
 def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAccount) -> Checkpoint:
     """Open the checkpoint and refuse it, naming file and tensor, unless it has exactly the tensors the
     specs need with exactly the shapes they need (extra tensors only from IGNORED_SUFFIXES or a tied head)."""
-    checkpoint = open_checkpoint(model_dir)
+    checkpoint = open_checkpoint(model_dir, account)
     for header in checkpoint.headers:
         account.note_header(header.path, header.data_start)
     needed = {source: shape for s in specs.values() for source, shape in s.sources().items()}

@@ -26,6 +26,7 @@ from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
+from shardstate.store.remote import fetch_into_memory
 
 
 def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> ShardedState:
@@ -76,6 +77,9 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         warn_legacy(state)
     needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}
     with ReadAccount() as account:
+        fetched: dict[Path, torch.Tensor] = {}  # an s3:// state's files fetched now: whole, in memory
+        if directory.remote is not None and state.manifest is not None:
+            fetched = fetch_into_memory(directory.remote, state.manifest, target.rank, account)
         locations = index_rank(state, target.rank, needs, account)
         by_file: dict[Path, list[str]] = {}
         for name, location in locations.items():
@@ -83,16 +87,18 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         # One span per file, from its first to its last needed byte (vLLM's trailing scales left out).
         spans = [
             Span(path, min(locations[n].entry.begin for n in names), max(locations[n].entry.end for n in names))
-            for path, names in sorted(by_file.items())
+            for path, names in sorted(by_file.items()) if path not in fetched
         ]
         io = target.io
         records = state.manifest.tensors[str(target.rank)] if io.verify else {}
-        streaming = expected_digests(records, locations) if io.verify and io.mode == "read" else None
+        on_disk = {name: location for name, location in locations.items() if location.file not in fetched}
+        streaming = expected_digests(records, on_disk) if io.verify and io.mode == "read" else None
         if io.device != "cpu" and io.mode == "read":
             memory = read_spans_to_device(spans, torch.device(io.device), account, digests=streaming)
         else:
             memory = read_spans(spans, io.mode, account, io.threads, streaming)
-        for span, data in zip(spans, memory, strict=True):
+        spans += [Span(path, 0, len(data)) for path, data in fetched.items()]
+        for span, data in zip(spans, [*memory, *fetched.values()], strict=True):
             for name in by_file[span.path]:
                 entry = locations[name].entry
                 raw = data[entry.begin - span.start : entry.end - span.start]
@@ -102,8 +108,9 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
                     param.data.view(-1).view(torch.uint8).copy_(raw)
                 else:
                     param.data = raw.view(entry.dtype).view(entry.shape)
-        if io.verify and streaming is None:  # mmap and direct: hash what was loaded, in parallel
-            check_digests(records, target.params, locations, io.threads)
+        if io.verify:  # what was not checked while read (fetched files; all with mmap and direct): hash it now
+            unchecked = locations if streaming is None else {n: loc for n, loc in locations.items() if n not in on_disk}
+            check_digests(records, target.params, unchecked, io.threads)
     return account
 
 
@@ -119,8 +126,8 @@ def expected_digests(records: dict[str, dict], locations: dict[str, TensorLocati
 
 
 def check_digests(records: dict[str, dict], params: dict, locations: dict[str, TensorLocation], threads: int) -> None:
-    """Every loaded tensor's bytes against the digest its writer recorded (after the load, for modes
-    that do not read through the arena); the first mismatch is named."""
+    """Every loaded tensor at `locations` against the digest its writer recorded (after the load, for
+    what was not checked while read); the first mismatch is named."""
     def check(name: str) -> None:
         expected = records[locations[name].entry.name]["xxh3_64"]
         data = params[name].data.detach().cpu().reshape(-1).view(torch.uint8)
@@ -128,4 +135,4 @@ def check_digests(records: dict[str, dict], params: dict, locations: dict[str, T
             raise digest_mismatch(name, locations[name].file)
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(check, params))
+        list(pool.map(check, locations))

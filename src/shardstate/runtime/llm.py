@@ -19,6 +19,7 @@ from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
 from shardstate.format.manifest import PP1_PATTERN, check_pattern, new_state_id
 from shardstate.io.engine import IO_MODES
+from shardstate.io.reader import ReadAccount
 from shardstate.loaders import LoadReport, resolve_load_format
 from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import (
@@ -253,7 +254,8 @@ class LLM:
                                  state_id=state_id, config_json=config_json)
             plan = StatePlan.make(self._live_params, self._model_dtype, self.config.num_hidden_layers, max_size,
                                   state_id, config_json, pattern, self.quantization)
-            sources = find_weight_files(self.model_dir)
+            with ReadAccount(self._opened.directory.weight_files()) as account:
+                sources = account.sizes(find_weight_files(self.model_dir, account.remote))
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
         return sorted(manifest.files)
 

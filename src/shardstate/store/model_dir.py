@@ -11,6 +11,7 @@ from pathlib import Path
 from shardstate.config import read_config_json
 from shardstate.format.sharded_state import ShardedState, is_sharded_state, open_sharded_state
 from shardstate.io.s3 import is_s3
+from shardstate.io.storage import RemoteFiles
 from shardstate.store.remote import RemoteOrigin, fetch_metadata, fetch_rank_files
 
 
@@ -21,7 +22,12 @@ class ModelDir:
     config_bytes: bytes
     config_path: Path
     state: ShardedState | None  # a sharded state (manifest checked against config.json) or vLLM's rank files
-    remote: RemoteOrigin | None = None  # an s3:// state: `path` is its node cache, rank files fetched on load
+    remote: RemoteOrigin | None = None  # s3://: `path` is its node cache (small files; a state's rank files
+    # are fetched into it on load, a HF checkpoint's weights read in place)
+
+    def weight_files(self) -> RemoteFiles | None:
+        """What of the weight files is in object storage (a HF checkpoint in S3), for a ReadAccount."""
+        return self.remote.weight_files() if self.remote is not None else None
 
     @property
     def kind(self) -> str:
@@ -33,13 +39,14 @@ class ModelDir:
 def open_model_dir(path: str | Path, cache_dir: Path | None = None) -> ModelDir:
     """Read config.json and, for a sharded state, its manifest (refused if config.json is not the one its
     files were made for; a vLLM-written directory without one is accepted, strictly checked later). An
-    `s3://bucket/prefix` location is a sharded state: its manifest and side files are fetched into the
-    node cache under `cache_dir` (store/remote.py), its rank files by each rank as it loads."""
+    `s3://bucket/prefix` location: a sharded state's manifest and side files are fetched into the
+    node cache under `cache_dir` (store/remote.py), its rank files by each rank as it loads; a HF checkpoint's
+    weight files are read in place by the loaders."""
     if is_s3(path):
         origin = fetch_metadata(str(path), cache_dir)
         config, raw, config_path = read_config_json(origin.cache)
-        return ModelDir(origin.cache, config, raw, config_path, open_sharded_state(origin.cache, config_bytes=raw),
-                        origin)
+        state = None if origin.weights else open_sharded_state(origin.cache, config_bytes=raw)
+        return ModelDir(origin.cache, config, raw, config_path, state, origin)
     path = Path(path).absolute()
     config, raw, config_path = read_config_json(path)
     state = open_sharded_state(path, allow_legacy=True, config_bytes=raw) if is_sharded_state(path) else None

@@ -15,19 +15,30 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from shardstate.config import CONFIG_NAME
 from shardstate.errors import ShardstateError, failing_as
-from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from shardstate.format.checkpoint import PICKLE_SUFFIXES
+from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_plain_name, parse_manifest
+from shardstate.format.sharded_state import LEGACY_FILE
 from shardstate.format.strict_json import loads_strict
+from shardstate.io.crc32 import crc32_combine
+from shardstate.io.engine import Span, read_spans
 from shardstate.io.files import open_regular
-from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, S3Location, S3Store
+from shardstate.io.reader import ReadAccount
+from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, S3Location, S3Store, store_for, write_all
+from shardstate.io.storage import FetchReport, RemoteFiles
 from shardstate.processes import alive
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
+SMALL_FILE_LIMIT = 64 << 20  # a HF checkpoint's files fetched into the cache (config, tokenizer...) are below
 CHUNK = 16 << 20
 # Temporaries are named `.NAME.fetch-HOST-PID-RANDOM`: a cache may be shared by hosts (NFS), and only this
 # host can tell whether one of its processes is gone.
@@ -59,20 +70,17 @@ class RemoteOrigin:
     """Where a cached state comes from (pickled to the workers, which fetch their own rank files)."""
 
     url: str
-    cache: Path  # the state's directory in the node's cache
+    cache: Path  # the model's directory in the node's cache
     ranges: int = DEFAULT_RANGES  # parallel ranged GETs per file
+    weights: dict[str, int] = field(default_factory=dict)  # a HF checkpoint: its weight objects, name -> size
 
     @property
     def location(self) -> S3Location:
         return S3Location.parse(self.url)
 
-
-@dataclass
-class FetchReport:
-    bytes_fetched: int = 0
-    seconds: float = 0.0
-    fetched: list[str] = field(default_factory=list)  # file names downloaded
-    cached: list[str] = field(default_factory=list)  # file names the cache already held, checked
+    def weight_files(self) -> RemoteFiles | None:
+        """A HF checkpoint's weight files as the loaders read them: objects, in place."""
+        return RemoteFiles(self.cache, self.url, self.weights, self.ranges) if self.weights else None
 
 
 def cache_directory(location: S3Location, cache_root: Path) -> Path:
@@ -82,15 +90,23 @@ def cache_directory(location: S3Location, cache_root: Path) -> Path:
 
 
 def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None = None) -> RemoteOrigin:
-    """The manifest, config.json and side files of the state at `url` into this node's cache (each
-    replaced whole). The manifest is read before the others and written last, so the cache directory
-    holds a manifest only with the side files it names."""
+    """The small files of the model at `url` into this node's cache (each replaced whole). A sharded state
+    (a manifest at `url`): the manifest is read before its side files and written last, so the cache
+    directory holds a manifest only with the side files it names. A Hugging Face checkpoint (config.json
+    and *.safetensors, no manifest): config, index and tokenizer files; its weight files stay objects,
+    read in place by the loaders (`RemoteOrigin.weights`)."""
     location = S3Location.parse(url)
     store = S3Store(location)
     directory = cache_directory(location, (cache_root or default_cache_root()).absolute())
     with failing_as("cannot create the cache directory", directory, CACHE_TODO):
         directory.mkdir(parents=True, exist_ok=True)
-    manifest_bytes = _read_manifest_bytes(store, location)
+    objects = store.objects()
+    if MANIFEST_NAME not in objects:
+        return _fetch_checkpoint_files(store, directory, objects, ranges or ranges_in_flight())
+    if objects[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
+        raise ShardstateError(f"{location.url(MANIFEST_NAME)} is {objects[MANIFEST_NAME]} bytes, over the manifest "
+                              "limit", None, "this is not a shardstate manifest")
+    manifest_bytes = store.read_bytes(MANIFEST_NAME)
     try:
         doc = loads_strict(manifest_bytes)
     except ValueError as exc:
@@ -103,51 +119,149 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None 
     return RemoteOrigin(location.url(), directory, ranges or ranges_in_flight())
 
 
-def _read_manifest_bytes(store: S3Store, location: S3Location) -> bytes:
-    try:
-        size = store.size(MANIFEST_NAME)
-    except ShardstateError as exc:
-        if "does not exist" not in exc.what:
-            raise
-        raise ShardstateError(f"{location.url(MANIFEST_NAME)} does not exist", None,
-                              "an s3:// model must be a sharded state uploaded with `shardstate upload`") from None
-    if size > MAX_MANIFEST_BYTES:
-        raise ShardstateError(f"{location.url(MANIFEST_NAME)} is {size} bytes, over the manifest limit", None,
-                              "this is not a shardstate manifest")
-    return store.read_bytes(MANIFEST_NAME)
+def _fetch_checkpoint_files(store: S3Store, directory: Path, objects: dict[str, int], ranges: int) -> RemoteOrigin:
+    """A Hugging Face checkpoint's small files into the cache; its weight objects listed by name and size."""
+    location = store.location
+    top = {name: size for name, size in objects.items() if is_plain_name(name)}
+    weights = {name: size for name, size in top.items() if name.endswith(".safetensors")}
+    if CONFIG_NAME not in top or not weights:
+        lacking = "config.json" if CONFIG_NAME not in top else "*.safetensors weight files"
+        raise ShardstateError(f"{location.url()} holds no shardstate.json and no {lacking}", None,
+                              "an s3:// model is a sharded state (`shardstate upload`) or a Hugging Face checkpoint "
+                              "(config.json and *.safetensors)")
+    if any(LEGACY_FILE.fullmatch(name) for name in weights):
+        raise ShardstateError(f"{location.url()} holds rank files but no shardstate.json", None,
+                              "an upload that did not finish, or a vLLM-written state (whose files cannot be "
+                              "checked): upload a directory that passes `shardstate verify`")
+    for name, size in top.items():
+        if name not in weights and not name.endswith(PICKLE_SUFFIXES) and size <= SMALL_FILE_LIMIT:
+            _replace(directory, name, store.read_bytes(name))
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)  # the location held a sharded state before
+    return RemoteOrigin(location.url(), directory, ranges, weights)
 
 
 def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> FetchReport:
-    """Rank `rank`'s files into the cache: each one already there and matching the manifest is kept,
-    any other fetched and checked before it takes its name."""
+    """Rank `rank`'s files into the cache (for what reads every rank here: verify, a reshard): each one
+    already there and matching the manifest is kept, any other fetched to a file and checked before it
+    takes its name."""
     start = time.perf_counter()
     report = FetchReport()
-    store: S3Store | None = None
-    for name in manifest.rank_files(rank):
-        record = manifest.files[name]
-        path = origin.cache / name
-        _remove_dead_temporaries(origin.cache, name)
-        if file_matches(path, record["size"], record["crc32"]):
-            report.cached.append(name)
-            continue
-        store = store or S3Store(origin.location)
-        size = store.size(name)
-        if size != record["size"]:
-            raise ShardstateError(f"{origin.location.url(name)} is {size} bytes, the manifest says {record['size']}",
-                                  None, "the object is truncated or was replaced: upload the state again")
-        temporary = origin.cache / temporary_name(name)
-        try:
-            if store.fetch(name, size, temporary, origin.ranges) != record["crc32"]:
-                raise ShardstateError(f"{origin.location.url(name)} does not match its checksum in the manifest",
-                                      None, "the object changed since it was uploaded: upload again, from a "
-                                      "directory that passes `shardstate verify`")
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        report.fetched.append(name)
-        report.bytes_fetched += size
+    missing = files_to_fetch(origin, manifest, rank, report)
+    if missing:
+        store = S3Store(origin.location)
+        for name, size in missing.items():
+            temporary = origin.cache / temporary_name(name)
+            try:
+                check_crc(origin, name, store.fetch(name, size, temporary, origin.ranges), manifest)
+                os.replace(temporary, origin.cache / name)
+            finally:
+                temporary.unlink(missing_ok=True)
+            report.fetched.append(name)
+            report.bytes_fetched += size
     report.seconds = time.perf_counter() - start
     return report
+
+
+def fetch_into_memory(
+    origin: RemoteOrigin, manifest: Manifest, rank: int, account: ReadAccount
+) -> dict[Path, torch.Tensor]:
+    """The rank's files the cache lacks (or holds damaged), read from object storage straight into load
+    memory (the engine's arena, whole files, `origin.ranges` ranged GETs in flight) and written through to
+    temporaries in the cache as they arrive; each one's crc32 is checked before it takes its name in the
+    cache. Returns each fetched file's bytes (by its cache path); `account.fetch` says what came from where."""
+    start = time.perf_counter()
+    report = account.fetch
+    missing = files_to_fetch(origin, manifest, rank, report)
+    if not missing:
+        return {}
+    account.remote = RemoteFiles(origin.cache, origin.url, missing, origin.ranges)
+    paths = [origin.cache / name for name in missing]
+    with CacheWriter(origin, missing) as writer:
+        images = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=writer)
+        writer.publish(manifest)
+    report.fetched.extend(missing)
+    report.bytes_fetched += sum(missing.values())
+    report.seconds += time.perf_counter() - start
+    return dict(zip(paths, images, strict=True))
+
+
+def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: FetchReport) -> dict[str, int]:
+    """The rank's files the cache does not hold intact (name -> size; the others are listed in `report` as
+    cached), each object's size checked against the manifest first."""
+    missing = {}
+    for name in manifest.rank_files(rank):
+        record = manifest.files[name]
+        _remove_dead_temporaries(origin.cache, name)
+        if file_matches(origin.cache / name, record["size"], record["crc32"]):
+            report.cached.append(name)
+        else:
+            missing[name] = record["size"]
+    if missing:
+        store = store_for(origin.location)
+        for name, expected in missing.items():
+            size = store.size(name)
+            if size != expected:
+                raise ShardstateError(f"{origin.location.url(name)} is {size} bytes, the manifest says {expected}",
+                                      None, "the object is truncated or was replaced: upload the state again")
+    return missing
+
+
+def check_crc(origin: RemoteOrigin, name: str, crc: int, manifest: Manifest) -> None:
+    if crc != manifest.files[name]["crc32"]:
+        raise ShardstateError(f"{origin.location.url(name)} does not match its checksum in the manifest", None,
+                              "the object changed since it was uploaded: upload again, from a directory that "
+                              "passes `shardstate verify`")
+
+
+class CacheWriter:
+    """A ByteSink (io/engine.py) for files being fetched: every piece is written at its offset into the
+    file's temporary in the cache, and its crc32 kept; `publish` checks each whole file's crc32 against
+    the manifest and renames it into place. Temporaries not published are removed on exit."""
+
+    def __init__(self, origin: RemoteOrigin, sizes: dict[str, int]):
+        self.origin, self.sizes = origin, sizes
+        self.temporaries = {name: origin.cache / temporary_name(name) for name in sizes}
+        self.fds: dict[Path, int] = {}
+        self.pieces: dict[str, list[tuple[int, int, int]]] = {name: [] for name in sizes}  # offset, length, crc
+        self.lock = threading.Lock()
+        try:
+            for name, temporary in self.temporaries.items():
+                with failing_as("cannot write", temporary, CACHE_TODO):
+                    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    self.fds[origin.cache / name] = fd
+                    os.ftruncate(fd, sizes[name])
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def feed(self, path: Path, offset: int, data: memoryview) -> None:
+        with failing_as("cannot write", self.temporaries[path.name], CACHE_TODO):
+            write_all(self.fds[path], data, offset)
+        piece = (offset, len(data), zlib.crc32(data))
+        with self.lock:
+            self.pieces[path.name].append(piece)
+
+    def publish(self, manifest: Manifest) -> None:
+        for name, pieces in self.pieces.items():
+            crc, end = 0, 0
+            for offset, length, part in sorted(pieces):
+                if offset != end:
+                    raise RuntimeError(f"{name}: bytes {end}..{offset} never arrived")  # an engine bug, not input
+                crc, end = crc32_combine(crc, part, length), end + length
+            if end != self.sizes[name]:
+                raise RuntimeError(f"{name}: {end} of {self.sizes[name]} bytes arrived")
+            check_crc(self.origin, name, crc, manifest)
+        for name, temporary in self.temporaries.items():
+            os.replace(temporary, self.origin.cache / name)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        for temporary in self.temporaries.values():
+            temporary.unlink(missing_ok=True)
 
 
 def file_matches(path: Path, size: int, crc32: int) -> bool:

@@ -20,7 +20,7 @@ PARALLEL_FILES = 4
 def empty_prefix(url: str) -> S3Store:
     """The store of `url`, refused unless nothing is there yet."""
     store = S3Store(S3Location.parse(url))
-    existing = store.names()
+    existing = list(store.objects())
     if existing and MANIFEST_NAME not in existing:  # e.g. an upload stopped half-way
         raise ShardstateError(f"{store.location.url()} already holds {len(existing)} object(s) (e.g. {existing[0]}) "
                               "and no manifest: an upload that did not finish, or someone else's objects", None,

@@ -99,10 +99,11 @@ class StatePlan:
 
 
 def complete_state(
-    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], source_files: list[Path],
+    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], sources: dict[str, int],
 ) -> Manifest:
     """Copy SRC's side files (config.json as the plan has it), then write the manifest (last: its presence
-    says the directory is whole). `written` holds each rank's RankWriter.result(), in rank order."""
+    says the directory is whole). `written` holds each rank's RankWriter.result(), in rank order;
+    `sources` the size of each file the state was made from."""
     side_files = sorted(p.name for p in src.iterdir() if is_side_file(p))
     for name in side_files:
         if name != CONFIG_NAME:
@@ -111,7 +112,7 @@ def complete_state(
     manifest = Manifest(
         plan.state_id, len(written), config.architecture, hashlib.sha256(plan.config_json).hexdigest(),
         DTYPE_NAMES[plan.dtype],
-        [{"name": f.name, "size": f.stat().st_size} for f in source_files], side_files,
+        [{"name": name, "size": size} for name, size in sources.items()], side_files,
         files={name: record for rank in written for name, record in rank["files"].items()},
         tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
         pattern=plan.pattern,
