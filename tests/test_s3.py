@@ -181,7 +181,7 @@ def test_refused_credentials_and_no_server(server, state, tmp_path):
     url = uploaded(server, state, "creds")
     refused = shardstate(server, "generate", url, "--tp", "2", *PROMPT, "--cache-dir", str(tmp_path / "c"),
                          secret="not-the-secret")
-    assert f"access to {url}/shardstate.json refused" in error_line(refused)
+    assert f"access to {url} refused" in error_line(refused)
     nobody = S3Server(f"http://127.0.0.1:{_closed_port()}", tmp_path)
     start = time.monotonic()
     unreachable = shardstate(nobody, "generate", url, "--tp", "2", *PROMPT, "--cache-dir", str(tmp_path / "c"))

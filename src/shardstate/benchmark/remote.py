@@ -1,8 +1,12 @@
 """`shardstate bench --remote` (and `make bench`): loading a sharded state from S3-compatible storage.
-A SeaweedFS server on 127.0.0.1 holds the benchmark model's state at one TP size; three ways to get each
-rank its bytes, every rank in its own process, started together:
-- shardstate: `LLM("s3://...")` with an empty node cache: each rank fetches its own files (parallel ranged
-  GETs into the cache, checked against the manifest) and loads them; the slowest rank's seconds;
+A SeaweedFS server on 127.0.0.1 holds the benchmark model's state at one TP size and its HF checkpoint;
+ways to get each rank its bytes, every rank in its own process, started together (the slowest rank's
+seconds):
+- shardstate, empty cache: `LLM("s3://...")`: each rank fetches its own files (parallel ranged GETs
+  straight into load memory, written through to the node cache, checked against the manifest);
+- shardstate, warm cache: the same again: every file checked in the cache, then loaded;
+- shardstate sliced, HF checkpoint: each rank reads the extents of its slices from the checkpoint's
+  objects in place (`--load-format sliced` on the checkpoint's s3:// location);
 - boto3, own files: each rank downloads just its files into memory with plain boto3 (the yardstick);
 - boto3, whole state: each rank downloads every rank's files, as a loader that reads everything would.
 Writes remote.json and remote.md."""
@@ -46,11 +50,13 @@ def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) ->
             os.environ.update(server.env())  # the workers and boto3 read them
             try:
                 server.client().create_bucket(Bucket=BUCKET)
-                url = f"s3://{BUCKET}/{state.name}"
+                url, checkpoint = f"s3://{BUCKET}/{state.name}", f"s3://{BUCKET}/{model_dir.name}"
                 upload_state(state, url)
+                for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+                    server.client().upload_file(str(path), BUCKET, f"{model_dir.name}/{path.name}")
                 run_ranks("s3_download", every, url)  # untimed: the server's files in its page cache for all
                 for _ in range(1 if smoke else REPEATS):
-                    rows.append(_shardstate_row(url, tp, work))
+                    rows.extend(_shardstate_rows(url, checkpoint, tp, work))
                     rows.append({"name": "boto3, own files", **summarize(run_ranks("s3_download", own, url))})
                     rows.append({"name": "boto3, whole state", **summarize(run_ranks("s3_download", every, url))})
             finally:
@@ -68,17 +74,23 @@ def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) ->
     return write_rows(out_dir, "remote", medians, remote_table(medians, model_dir.name))
 
 
-def _shardstate_row(url: str, tp: int, work: Path) -> dict:
+def _shardstate_rows(url: str, checkpoint: str, tp: int, work: Path) -> list[dict]:
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # empty: every rank fetches
     try:
-        with LLM(url, tensor_parallel_size=tp, cache_dir=cache) as llm:
-            reports = llm.load_reports
+        return [_load_row("shardstate, empty cache: fetch into memory + cache + check", url, tp, cache),
+                _load_row("shardstate, warm cache: check + load", url, tp, cache),
+                _load_row("shardstate sliced, HF checkpoint read in place", checkpoint, tp, cache, "sliced")]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    per_rank = [{"rank": r.rank, "seconds": r.seconds, "fetch_seconds": r.fetch_seconds,
-                 "bytes_read": r.bytes_fetched, "peak_rss": r.peak_rss} for r in reports]
-    return {"name": "shardstate (fetch + check + load)", **summarize(per_rank),
-            "fetch_seconds": max(r.fetch_seconds for r in reports)}
+
+
+def _load_row(name: str, url: str, tp: int, cache: Path, load_format: str = "auto") -> dict:
+    with LLM(url, tensor_parallel_size=tp, cache_dir=cache, load_format=load_format) as llm:
+        reports = llm.load_reports
+    over_network = [r.bytes_read if load_format == "sliced" else r.bytes_fetched for r in reports]
+    per_rank = [{"rank": r.rank, "seconds": r.seconds, "fetch_seconds": r.fetch_seconds, "bytes_read": n,
+                 "peak_rss": r.peak_rss} for r, n in zip(reports, over_network, strict=True)]
+    return {"name": name, **summarize(per_rank), "fetch_seconds": max(r.fetch_seconds for r in reports) or None}
 
 
 def _medians(rows: list[dict], tp: int) -> list[dict]:
@@ -93,10 +105,10 @@ def _medians(rows: list[dict], tp: int) -> list[dict]:
 
 
 def remote_table(rows: list[dict], model: str) -> str:
-    base = rows[1]["seconds"]  # boto3, own files
+    base = next(r["seconds"] for r in rows if r["name"] == "boto3, own files")
     lines = [f"{model} at TP={rows[0]['tp']} from SeaweedFS on 127.0.0.1 (this machine), median of "
              f"{len(rows[0]['seconds_each'])}; seconds: the slowest rank's.", "",
-             "| how | MB per rank | seconds | vs boto3 own files |", "|---|---|---|---|"]
+             "| how | MB per rank over the network | seconds | vs boto3 own files |", "|---|---|---|---|"]
     for r in rows:
         fetch = f" (fetch {r['fetch_seconds']:.3f})" if r.get("fetch_seconds") is not None else ""
         lines.append(f"| {r['name']} | {max(r['bytes_per_rank']) / 1e6:.0f} | {r['seconds']:.3f}{fetch} | "

@@ -29,7 +29,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.io.digests import StreamingDigests
-from shardstate.io.reader import ReadAccount
+from shardstate.io.reader import Arrivals, ReadAccount
 
 IO_MODES = ("read", "mmap", "direct")
 CHUNK = 16 << 20
@@ -145,6 +145,7 @@ def _read_chunks(arena: Arena, chunks: list[Chunk], threads: int, account: ReadA
                 length = min(step, at + CHUNK - piece, chunk.length - piece)
                 view = arena.view(chunk.arena_offset + piece, length)
                 got = reader.read_into(chunk.offset + piece, view)
+                Arrivals.add(got)
                 if got < min(length, chunk.needed - piece):
                     raise ShardstateError(f"file ends before byte {chunk.offset + chunk.needed}", chunk.path,
                                           "the file is truncated")
@@ -237,7 +238,9 @@ def read_spans_to_device(
             if done_events[slot] is not None:
                 done_events[slot].synchronize()  # the copy out of this buffer has finished
             host = buffers[slot][:length]
-            if readers[span.path].read_into(offset, memoryview(host.numpy())) < length:
+            got = readers[span.path].read_into(offset, memoryview(host.numpy()))
+            Arrivals.add(got)
+            if got < length:
                 raise ShardstateError(f"file ends before byte {offset + length}", span.path, "the file is truncated")
             account.bytes_read += length
             if digests is not None:

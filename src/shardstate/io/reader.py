@@ -11,6 +11,21 @@ from shardstate.errors import ShardstateError
 from shardstate.io.storage import FetchReport, FileReader, LocalFile, RemoteFiles
 
 
+class Arrivals:
+    """Bytes this process has read into memory so far, counted as they land (not exact under threads, but
+    it only grows): what a rank's heartbeat reports while it loads (parallel/peers.py)."""
+
+    total = 0
+
+    @classmethod
+    def add(cls, nbytes: int) -> None:
+        cls.total += nbytes
+
+    @classmethod
+    def so_far(cls) -> int:
+        return cls.total
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable memoryview of a contiguous CPU tensor's bytes (any dtype, bf16 included)."""
     if not tensor.is_contiguous() or tensor.device.type != "cpu":
@@ -66,6 +81,7 @@ class ReadAccount:
     def read_into(self, path: Path, offset: int, dest: memoryview) -> None:
         """Fill `dest` from `path` at `offset` exactly; a short file is an error, not zeros."""
         done = self.reader(path).read_into(offset, dest)
+        Arrivals.add(done)
         if done < len(dest):
             raise ShardstateError(
                 f"file ends before byte {offset + len(dest)}", path, "the file is truncated: re-create it"

@@ -17,6 +17,7 @@ class TPGroup:
 
     rank: int
     size: int
+    store: tuple[str, int] | None = None  # (host, port) of the rendezvous store, when size > 1
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -56,16 +57,29 @@ def device_for(local_rank: int) -> torch.device:
 
 
 def init_group(rank: int, size: int, init_method: str | None = None, timeout_s: float = 300) -> TPGroup:
-    """Join the TP group. `init_method` None means torchrun's env:// (MASTER_ADDR/MASTER_PORT)."""
+    """Join the TP group. `init_method` None means torchrun's env:// (MASTER_ADDR/MASTER_PORT). The
+    rendezvous store is made here, as init_process_group would make it, so that the ranks can also use
+    it themselves (parallel/peers.py)."""
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device_for(int(os.environ.get("LOCAL_RANK", rank))))
-        dist.init_process_group(
-            backend, init_method=init_method or "env://", rank=rank, world_size=size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        address = store_address(init_method)
+        # torchrun's agent hosts the store itself (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does
+        host_here = rank == 0 and not (init_method is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(address[0], address[1], size, is_master=host_here, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+        return TPGroup(rank, size, address)
     return TPGroup(rank, size)
+
+
+def store_address(init_method: str | None) -> tuple[str, int]:
+    """(host, port) of the rendezvous store: `tcp://host:port`, or torchrun's MASTER_ADDR/MASTER_PORT."""
+    if init_method is None:
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    return host, int(port)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:

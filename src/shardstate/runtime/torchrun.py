@@ -30,7 +30,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
     try:
         group = init_group(rank, world, timeout_s=args.timeout)  # the rendezvous times out like a collective
         args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify)
-        worker = Worker(args_for_worker, group, local_rank)
+        worker = Worker(args_for_worker, group, local_rank, args.timeout)
         eos = () if args.ignore_eos else config.eos_token_ids
         generation = worker.generate(prompt_ids, args.max_new_tokens, eos)
         reports = [worker.load_report]

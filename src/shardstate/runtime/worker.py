@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 
 from shardstate.errors import ShardstateError
+from shardstate.io.reader import Arrivals
 from shardstate.loaders import IOOptions, load_weights
 from shardstate.models import OpenedModel
 from shardstate.parallel.distributed import TPGroup, cores_per_rank, device_for, init_group
 from shardstate.parallel.layers import materialize
+from shardstate.parallel.peers import loading
 from shardstate.quant.apply import quantize_linear_weights
 from shardstate.quant.methods import method_named
 from shardstate.runtime.generate import Generation, greedy_generate
@@ -42,7 +44,7 @@ class WorkerArgs:
 
 
 class Worker:
-    def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int):
+    def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int, timeout_s: float):
         self.args = args
         self.config = args.model.config
         self.rank = group.rank
@@ -53,7 +55,8 @@ class Worker:
         io = IOOptions(args.io_mode, threads, str(device), args.verify)
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
-        self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io)
+        with loading(group, Arrivals.so_far, timeout_s):  # a rank still downloading is waited for, not timed out
+            self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io)
         if args.quantize is not None:
             quantize_linear_weights(self.model, method_named(args.quantize), group)
 
@@ -114,7 +117,7 @@ def worker_main(
     try:
         args: WorkerArgs = conn.recv()
         group = init_group(rank, size, init_method, timeout_s)
-        worker = Worker(args, group, rank)
+        worker = Worker(args, group, rank, timeout_s)
         conn.send(("ok", worker.load_report))
         while True:
             command, kwargs = conn.recv()
