@@ -289,6 +289,33 @@ def test_convert_publishes_to_s3_like_upload(server, state, tmp_path):
                                                rank_tensors(tmp_path / "direct2", rank).values(), strict=True))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_stopped_convert_to_s3_leaves_no_staging_and_no_process(server, tmp_path, sig):
+    """`convert SRC s3://...` stages the state under the cache dir: stopped (one line) or killed (its
+    janitor) mid-way, the staging directory goes and no process of the run is left."""
+    src = make_llama_checkpoint(tmp_path / "src", seed=2, vocab_size=50_000, hidden_size=256, intermediate_size=256,
+                                num_hidden_layers=1, tie_word_embeddings=False)
+    cache, marker = tmp_path / "cache", f"s3-convert-{sig.name}"
+    env = {**os.environ, **server.env(), "SHARDSTATE_TEST_MARKER": marker}
+    proc = subprocess.Popen([str(BIN / "shardstate"), "convert", str(src), f"s3://{BUCKET}/stopped-{sig.name}",
+                             "--tp", "2", "--max-part-size", "2MB", "--cache-dir", str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob(".shardstate-convert-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("convert finished before the signal")
+    if sig == signal.SIGTERM:
+        assert stderr.strip().splitlines() == ["error: stopped by SIGTERM; workers stopped, temporaries removed"]
+    deadline = time.monotonic() + 10
+    while processes_with_env(f"SHARDSTATE_TEST_MARKER={marker}".encode()) or list(cache.glob(".shardstate-convert-*")):
+        assert time.monotonic() < deadline, list(cache.iterdir())
+        time.sleep(0.05)
+
+
 def test_crc32_of_ranges_combines_to_the_files():
     """Fetched ranges' crc32s fold into the file's (zlib's crc32_combine, written here)."""
     import random

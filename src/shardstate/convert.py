@@ -16,6 +16,7 @@ from pathlib import Path
 from shardstate.errors import ShardstateError
 from shardstate.format.manifest import new_state_id
 from shardstate.format.safetensors_header import DTYPE_NAMES
+from shardstate.io.janitor import Janitor
 from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import is_s3
 from shardstate.models import build_on_meta, open_model, quantize_after_load
@@ -63,12 +64,14 @@ def convert(
         cache = cache_dir or default_cache_root()
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".shardstate-convert-", dir=cache))
+        janitor = Janitor(directory=staging)  # removes it if this process is killed
         try:
             report = convert(src, staging / "state", tp_size, dtype, max_part_bytes, False, show_progress, quantize,
                              for_vllm, cache_dir)
             upload_state(staging / "state", str(out))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            janitor.dismiss()
         return report
     start = time.perf_counter()
     out = Path(out)

@@ -213,6 +213,7 @@ def _map_span(span: Span, account: ReadAccount) -> torch.Tensor:
     with contextlib.suppress(OSError, ValueError):  # map the span's pages now (from disk if cold), so that
         mapping.madvise(MADV_POPULATE_READ, start, span.end - start)  # "loaded" means resident
     account.bytes_mapped += span.size
+    Arrivals.add(span.size)
     return torch.frombuffer(mapping, dtype=torch.uint8, offset=span.start, count=span.size)
 
 

@@ -45,6 +45,12 @@ class ReadAccount:
         self.bytes_read = 0
         self.bytes_mapped = 0  # --io mmap: mapped now, read by the kernel when first touched
 
+    def use_remote(self, remote: RemoteFiles) -> None:
+        """From now on the files `remote` holds are read from object storage (even one opened here before)."""
+        for key in [key for key in self._readers if remote.holds(key[0])]:
+            self._readers.pop(key).close()
+        self.remote = remote
+
     def reader(self, path: Path, flags: int = 0) -> FileReader:
         """The file opened for reading (plus `flags`, e.g. O_DIRECT, for a local one), once; closed by
         `close`."""

@@ -146,6 +146,11 @@ class S3Store:
         end = offset + len(buffer) - 1
         response = self.call(url, lambda: self.client.get_object(Bucket=self.location.bucket, Key=key,
                                                                  Range=f"bytes={offset}-{end}"))
+        if not str(response.get("ContentRange", "")).startswith(f"bytes {offset}-{end}/"):
+            response["Body"].close()  # a server that ignored the range would send other bytes than asked
+            raise ShardstateError(f"{url}: asked for bytes {offset}-{end}, the server sent "
+                                  f"{response.get('ContentRange') or 'the whole object'}", None,
+                                  "use an S3-compatible server that honours ranged GETs")
         body, done = response["Body"], 0
         while done < len(buffer):
             got = self.call(url, lambda part=buffer[done:done + READ_BLOCK]: body.readinto(part))

@@ -26,7 +26,7 @@ from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
-from shardstate.store.remote import fetch_into_memory
+from shardstate.store.remote import load_rank_files
 
 
 def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> ShardedState:
@@ -77,9 +77,10 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         warn_legacy(state)
     needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}
     with ReadAccount() as account:
-        fetched: dict[Path, torch.Tensor] = {}  # an s3:// state's files fetched now: whole, in memory
+        io = target.io
+        fetched: dict[Path, torch.Tensor] = {}  # an s3:// state's files: whole, in memory, crc32 checked
         if directory.remote is not None and state.manifest is not None:
-            fetched = fetch_into_memory(directory.remote, state.manifest, target.rank, account)
+            fetched = load_rank_files(directory.remote, state.manifest, target.rank, account, io.threads)
         locations = index_rank(state, target.rank, needs, account)
         by_file: dict[Path, list[str]] = {}
         for name, location in locations.items():
@@ -89,7 +90,6 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
             Span(path, min(locations[n].entry.begin for n in names), max(locations[n].entry.end for n in names))
             for path, names in sorted(by_file.items()) if path not in fetched
         ]
-        io = target.io
         records = state.manifest.tensors[str(target.rank)] if io.verify else {}
         on_disk = {name: location for name, location in locations.items() if location.file not in fetched}
         streaming = expected_digests(records, on_disk) if io.verify and io.mode == "read" else None

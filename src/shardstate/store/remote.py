@@ -162,27 +162,50 @@ def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> Fet
     return report
 
 
-def fetch_into_memory(
-    origin: RemoteOrigin, manifest: Manifest, rank: int, account: ReadAccount
+def load_rank_files(
+    origin: RemoteOrigin, manifest: Manifest, rank: int, account: ReadAccount, threads: int
 ) -> dict[Path, torch.Tensor]:
-    """The rank's files the cache lacks (or holds damaged), read from object storage straight into load
-    memory (the engine's arena, whole files, `origin.ranges` ranged GETs in flight) and written through to
-    temporaries in the cache as they arrive; each one's crc32 is checked before it takes its name in the
-    cache. Returns each fetched file's bytes (by its cache path); `account.fetch` says what came from where."""
+    """Every file of the rank, whole, in load memory, each one's crc32 taken as its bytes arrive: those the
+    node cache holds are read from it (`threads` readers; checking and loading are one pass), those it lacks
+    or holds damaged from object storage (`origin.ranges` ranged GETs in flight), written through to
+    temporaries in the cache and renamed into place once their crc32 matches the manifest. Returns each
+    file's bytes by its cache path; `account.fetch` says what came from where."""
     start = time.perf_counter()
     report = account.fetch
-    missing = files_to_fetch(origin, manifest, rank, report)
-    if not missing:
-        return {}
-    account.remote = RemoteFiles(origin.cache, origin.url, missing, origin.ranges)
-    paths = [origin.cache / name for name in missing]
-    with CacheWriter(origin, missing) as writer:
-        images = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=writer)
-        writer.publish(manifest)
-    report.fetched.extend(missing)
-    report.bytes_fetched += sum(missing.values())
+    sizes = {name: manifest.files[name]["size"] for name in manifest.rank_files(rank)}
+    images: dict[Path, torch.Tensor] = {}
+    held = []
+    for name in sizes:
+        _remove_dead_temporaries(origin.cache, name)
+        if _size_of(origin.cache / name) == sizes[name]:
+            held.append(origin.cache / name)
+    if held:
+        crcs = Crc32Sink()
+        data = read_spans([Span(path, 0, sizes[path.name]) for path in held], "read", account, threads, sink=crcs)
+        for path, image in zip(held, data, strict=True):
+            if crcs.crc(path.name, sizes[path.name]) == manifest.files[path.name]["crc32"]:
+                images[path] = image
+                report.cached.append(path.name)
+    missing = {name: size for name, size in sizes.items() if origin.cache / name not in images}
+    if missing:
+        _check_sizes(origin, missing)
+        account.use_remote(RemoteFiles(origin.cache, origin.url, missing, origin.ranges))
+        paths = [origin.cache / name for name in missing]
+        with CacheWriter(origin, missing) as writer:
+            fetched = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=writer)
+            writer.publish(manifest)
+        images.update(zip(paths, fetched, strict=True))
+        report.fetched.extend(missing)
+        report.bytes_fetched += sum(missing.values())
     report.seconds += time.perf_counter() - start
-    return dict(zip(paths, images, strict=True))
+    return images
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
 
 
 def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: FetchReport) -> dict[str, int]:
@@ -196,14 +219,18 @@ def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: 
             report.cached.append(name)
         else:
             missing[name] = record["size"]
-    if missing:
-        store = store_for(origin.location)
-        for name, expected in missing.items():
-            size = store.size(name)
-            if size != expected:
-                raise ShardstateError(f"{origin.location.url(name)} is {size} bytes, the manifest says {expected}",
-                                      None, "the object is truncated or was replaced: upload the state again")
+    _check_sizes(origin, missing)
     return missing
+
+
+def _check_sizes(origin: RemoteOrigin, sizes: dict[str, int]) -> None:
+    """Each object is as large as the manifest says (a HEAD each), before anything is fetched."""
+    store = store_for(origin.location) if sizes else None
+    for name, expected in sizes.items():
+        size = store.size(name)
+        if size != expected:
+            raise ShardstateError(f"{origin.location.url(name)} is {size} bytes, the manifest says {expected}",
+                                  None, "the object is truncated or was replaced: upload the state again")
 
 
 def check_crc(origin: RemoteOrigin, name: str, crc: int, manifest: Manifest) -> None:
@@ -213,17 +240,41 @@ def check_crc(origin: RemoteOrigin, name: str, crc: int, manifest: Manifest) -> 
                               "passes `shardstate verify`")
 
 
-class CacheWriter:
-    """A ByteSink (io/engine.py) for files being fetched: every piece is written at its offset into the
-    file's temporary in the cache, and its crc32 kept; `publish` checks each whole file's crc32 against
-    the manifest and renames it into place. Temporaries not published are removed on exit."""
+class Crc32Sink:
+    """A ByteSink (io/engine.py) that keeps the crc32 of every piece fed, from any reader thread, and
+    combines them per file in file order."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[tuple[int, int, int]]] = {}  # name -> (offset, length, crc32)
+        self.lock = threading.Lock()
+
+    def feed(self, path: Path, offset: int, data: memoryview) -> None:
+        piece = (offset, len(data), zlib.crc32(data))
+        with self.lock:
+            self.pieces.setdefault(path.name, []).append(piece)
+
+    def crc(self, name: str, size: int) -> int:
+        """The crc32 of the whole file `name`, of `size` bytes, all fed."""
+        crc, end = 0, 0
+        for offset, length, part in sorted(self.pieces.get(name, [])):
+            if offset != end:
+                raise RuntimeError(f"{name}: bytes {end}..{offset} never arrived")  # an engine bug, not input
+            crc, end = crc32_combine(crc, part, length), end + length
+        if end != size:
+            raise RuntimeError(f"{name}: {end} of {size} bytes arrived")
+        return crc
+
+
+class CacheWriter(Crc32Sink):
+    """A Crc32Sink for files being fetched that also writes every piece at its offset into the file's
+    temporary in the cache; `publish` checks each whole file's crc32 against the manifest and renames it
+    into place. Temporaries not published are removed on exit."""
 
     def __init__(self, origin: RemoteOrigin, sizes: dict[str, int]):
+        super().__init__()
         self.origin, self.sizes = origin, sizes
         self.temporaries = {name: origin.cache / temporary_name(name) for name in sizes}
         self.fds: dict[Path, int] = {}
-        self.pieces: dict[str, list[tuple[int, int, int]]] = {name: [] for name in sizes}  # offset, length, crc
-        self.lock = threading.Lock()
         try:
             for name, temporary in self.temporaries.items():
                 with failing_as("cannot write", temporary, CACHE_TODO):
@@ -237,20 +288,11 @@ class CacheWriter:
     def feed(self, path: Path, offset: int, data: memoryview) -> None:
         with failing_as("cannot write", self.temporaries[path.name], CACHE_TODO):
             write_all(self.fds[path], data, offset)
-        piece = (offset, len(data), zlib.crc32(data))
-        with self.lock:
-            self.pieces[path.name].append(piece)
+        super().feed(path, offset, data)
 
     def publish(self, manifest: Manifest) -> None:
-        for name, pieces in self.pieces.items():
-            crc, end = 0, 0
-            for offset, length, part in sorted(pieces):
-                if offset != end:
-                    raise RuntimeError(f"{name}: bytes {end}..{offset} never arrived")  # an engine bug, not input
-                crc, end = crc32_combine(crc, part, length), end + length
-            if end != self.sizes[name]:
-                raise RuntimeError(f"{name}: {end} of {self.sizes[name]} bytes arrived")
-            check_crc(self.origin, name, crc, manifest)
+        for name, size in self.sizes.items():
+            check_crc(self.origin, name, self.crc(name, size), manifest)
         for name, temporary in self.temporaries.items():
             os.replace(temporary, self.origin.cache / name)
 
