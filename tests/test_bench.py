@@ -8,6 +8,7 @@ import pytest
 
 from shardstate.benchmark import run_bench
 from shardstate.benchmark.families import run_families
+from shardstate.benchmark.remote import EMPTY_CACHE, SLICED_CHECKPOINT, WARM_CACHE
 
 
 def test_bench_smoke(tmp_path):
@@ -43,7 +44,9 @@ def test_bench_smoke(tmp_path):
     assert "| fp8 | cold |" in (tmp_path / "out" / "quantized-loads.md").read_text()
     remote = {r["name"]: r for r in results["remote"]}
     own, whole = remote["boto3, own files"]["bytes_per_rank"], remote["boto3, whole state"]["bytes_per_rank"]
-    assert remote["shardstate (fetch + check + load)"]["bytes_per_rank"] == own  # each rank fetched its files
+    assert remote[EMPTY_CACHE]["bytes_per_rank"] == own  # each rank fetched its files
+    assert remote[WARM_CACHE]["bytes_per_rank"] == [0, 0]  # and later found them in the cache
+    assert all(0 < n < sum(own) for n in remote[SLICED_CHECKPOINT]["bytes_per_rank"])  # its slices, not all
     assert whole == [sum(own)] * 2
 
 

@@ -21,7 +21,12 @@ import torch
 from rank_files import rank_tensors
 from shardstate.benchmark.seaweedfs import S3Server, s3_server
 from shardstate.convert import convert
+from shardstate.errors import ShardstateError
+from shardstate.format.sharded_state import VLLM_SCALES
+from shardstate.io.s3 import S3Location, store_for
 from shardstate.runtime.llm import LLM
+from shardstate.store.model_dir import open_model_dir
+from shardstate.store.remote import cache_directory
 from shardstate.synthetic import make_llama_checkpoint
 from test_worker_failures import processes_with_env
 
@@ -87,7 +92,7 @@ def test_each_rank_fetches_only_its_own_files_once(server, state, tmp_path):
     assert [r["bytes_fetched"] for r in remote["load"]] == [sizes[0], sizes[1]]
     assert all(r["cached_files"] == [] and len(r["fetched_files"]) >= 2 for r in remote["load"])
     (cached,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in cached.iterdir()) == sorted(p.name for p in state.iterdir())
+    assert sorted(p.name for p in cached.iterdir()) == sorted([".shardstate-cache", *(p.name for p in state.iterdir())])
     again = generate(server, url, tmp_path / "cache")
     assert [r["bytes_fetched"] for r in again["load"]] == [0, 0]
     assert all(r["fetched_files"] == [] and len(r["cached_files"]) >= 2 for r in again["load"])
@@ -141,9 +146,37 @@ def test_a_hf_checkpoint_in_s3_loads_sliced_and_default_and_converts(server, tmp
         assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     manifests = [json.loads((tmp_path / d / "shardstate.json").read_text()) for d in ("from-disk", "from-s3")]
     assert manifests[0]["source"] == manifests[1]["source"]
+    # every ranged GET asks for the version listed when the load began: a replaced object is refused
+    name = sorted(p.name for p in src.glob("*.safetensors"))[0]
+    store, data = store_for(S3Location.parse(url)), (src / name).read_bytes()
+    listed = store.objects()[name]
+    client.put_object(Bucket=BUCKET, Key=f"hf/{name}", Body=data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ShardstateError, match=f"{url}/{name} changed while it was read"):
+        store.read_into(name, 0, memoryview(bytearray(100)), listed)
+    # the cache directory is shardstate's own: one it did not make is refused, not written into
+    foreign = cache_directory(S3Location.parse(url), tmp_path / "foreign")
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ShardstateError, match="not a directory shardstate made for its cache"):
+        open_model_dir(url, tmp_path / "foreign")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     client.put_object(Bucket=BUCKET, Key="config-only/config.json", Body=(src / "config.json").read_bytes())
     lone = shardstate(server, "generate", f"s3://{BUCKET}/config-only", *PROMPT, "--cache-dir", str(cache))
     assert "holds no shardstate.json and no *.safetensors weight files" in error_line(lone)
+
+
+def test_a_rank_file_of_constants_only_loads_from_s3(server, state, tmp_path):
+    """Parts cut small enough that a file holds only vLLM's constant scales: loaded from S3 like any."""
+    parts = tmp_path / "parts"
+    convert(state.parent / "src", parts, 2, max_part_bytes=4096)
+    tensors_of: dict[str, list[str]] = {}
+    for tensors in json.loads((parts / "shardstate.json").read_text())["tensors"].values():
+        for key, record in tensors.items():
+            tensors_of.setdefault(record["file"], []).append(key)
+    assert any(all(key.endswith(VLLM_SCALES) for key in keys) for keys in tensors_of.values())
+    local = generate(server, str(state), tmp_path / "unused")
+    remote = generate(server, uploaded(server, parts, "parts"), tmp_path / "cache")
+    assert [o["token_ids"] for o in remote["outputs"]] == [o["token_ids"] for o in local["outputs"]]
 
 
 def test_upload_refuses_a_prefix_that_holds_objects(server, state):
@@ -173,7 +206,7 @@ def test_objects_changed_truncated_or_missing_are_refused_naming_them(server, st
         line = error_line(result)
         assert f"{url}/{name}" in line and expected in line, line
         (cached,) = (tmp_path / case).iterdir()
-        assert not [p.name for p in cached.iterdir() if p.name.startswith(".")]  # no temporary left
+        assert not [p.name for p in cached.iterdir() if ".fetch-" in p.name]  # no temporary left
         assert not (cached / name).exists()
 
 

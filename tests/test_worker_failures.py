@@ -62,38 +62,46 @@ def test_rank_silent_after_another_answered_stops_every_rank_after_the_timeout(c
     assert not any(p.is_alive() for p in procs)
 
 
-def _load_then_reduce(rank: int, port: int, slow_rank_reads: bool, results) -> None:
-    """A rank of a real gloo group with a 1.5 s time-out whose rank 1 takes 4 s to load."""
+def _load_then_reduce(rank: int, port: int, slow_rank: str, results) -> None:
+    """A rank of a real gloo group with a 1.5 s time-out whose rank 1 takes 4 s to load, reading all the
+    while ("reads"), reading nothing ("stalls"), or failing after 0.4 s ("fails")."""
     read = [0]
     try:
         group = init_group(rank, 2, f"tcp://127.0.0.1:{port}", timeout_s=1.5)
         with loading(group, lambda: read[0], 1.5):
             for _ in range(10 if rank == 1 else 0):
                 time.sleep(0.4)
-                read[0] += slow_rank_reads
+                if slow_rank == "fails":
+                    raise ShardstateError("cannot read (Input/output error) in model-rank-1-part-0.safetensors")
+                read[0] += slow_rank == "reads"
         total = group.all_reduce(torch.ones(1))  # the first collective after the load
         results.put((rank, "ok", float(total)))
     except Exception as exc:
         results.put((rank, "error", str(exc)))
 
 
-@pytest.mark.parametrize("slow_rank_reads", [True, False])
-def test_a_rank_still_loading_is_waited_for_and_a_stalled_one_named(slow_rank_reads):
+@pytest.mark.parametrize("slow_rank", ["reads", "stalls", "fails"])
+def test_a_rank_still_loading_is_waited_for_and_a_stalled_or_failed_one_named(slow_rank):
     """Loading longer than the time-out is not a hang while bytes keep arriving (a big download); a rank
-    that reads nothing for the time-out is named."""
+    that reads nothing for the time-out is named, and one that fails is reported at once."""
     context = multiprocessing.get_context("spawn")
     results, port = context.Queue(), free_port()
-    procs = [context.Process(target=_load_then_reduce, args=(r, port, slow_rank_reads, results)) for r in range(2)]
+    procs = [context.Process(target=_load_then_reduce, args=(r, port, slow_rank, results)) for r in range(2)]
+    start = time.monotonic()
     for proc in procs:
         proc.start()
-    got = dict((rank, (status, detail)) for rank, status, detail in (results.get(timeout=60) for _ in procs))
+    got = {rank: (status, detail) for rank, status, detail in (results.get(timeout=60) for _ in procs)}
     for proc in procs:
         proc.join(timeout=30)
-    if slow_rank_reads:
+    if slow_rank == "reads":
         assert got == {0: ("ok", 2.0), 1: ("ok", 2.0)}
-    else:
+    elif slow_rank == "stalls":
         assert got[0] == ("error", "rank 1 read nothing for 1.5 s while loading: a rank is hung or its storage "
                                    "stalled; if it is only slow, raise the timeout")
+    else:
+        assert got[0] == ("error", "rank 1 failed while loading (cannot read (Input/output error) in "
+                                   "model-rank-1-part-0.safetensors)")
+        assert time.monotonic() - start < 20
 
 
 def test_timeout_must_be_positive(checkpoints):

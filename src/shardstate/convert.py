@@ -88,7 +88,7 @@ def convert(
     params = dict(build_on_meta(config, TPGroup(0, tp_size), torch_dtype, quantization).named_parameters())
     plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id(),
                           model.state_config_json(quantization, for_vllm), quantization=quantization)
-    with staged_output(out, src, force) as tmp, ReadAccount(model.directory.weight_files()) as account:
+    with staged_output(out, src, force) as tmp, ReadAccount(model.directory.remote_weights()) as account:
         source: TensorSource = (
             CheckpointSource(src, model.specs(tp_size), account) if state is None else ShardedSource(model, account)
         )

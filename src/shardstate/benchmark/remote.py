@@ -28,6 +28,9 @@ from shardstate.store.upload import upload_state
 
 BUCKET = "shardstate-bench"
 REPEATS = 3
+EMPTY_CACHE = "shardstate, empty cache: fetch into memory + cache + check"
+WARM_CACHE = "shardstate, warm cache: check + load"
+SLICED_CHECKPOINT = "shardstate sliced, HF checkpoint read in place"
 
 
 def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) -> list[dict]:
@@ -77,9 +80,8 @@ def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) ->
 def _shardstate_rows(url: str, checkpoint: str, tp: int, work: Path) -> list[dict]:
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # empty: every rank fetches
     try:
-        return [_load_row("shardstate, empty cache: fetch into memory + cache + check", url, tp, cache),
-                _load_row("shardstate, warm cache: check + load", url, tp, cache),
-                _load_row("shardstate sliced, HF checkpoint read in place", checkpoint, tp, cache, "sliced")]
+        return [_load_row(EMPTY_CACHE, url, tp, cache), _load_row(WARM_CACHE, url, tp, cache),
+                _load_row(SLICED_CHECKPOINT, checkpoint, tp, cache, "sliced")]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 

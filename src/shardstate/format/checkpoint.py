@@ -56,7 +56,7 @@ def find_weight_files(root: Path, remote: RemoteFiles | None = None) -> list[Pat
                 )
             files.append(file)
         return files
-    files = sorted(root.glob("*.safetensors")) if remote is None else sorted(root / name for name in remote.sizes)
+    files = sorted(root.glob("*.safetensors")) if remote is None else sorted(root / name for name in remote.objects)
     if files:
         return files
     pickled = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)

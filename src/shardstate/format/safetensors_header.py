@@ -71,7 +71,10 @@ def read_header(path: str | os.PathLike[str], reader: FileReader | None = None) 
     given); raise ShardstateError naming the file (or object) on any defect."""
     path = Path(path)
     if reader is not None:
-        return _parse(path, reader, reader.where)
+        try:
+            return _parse(path, reader, reader.where)
+        except OSError as exc:
+            raise ShardstateError(f"cannot read ({exc.strerror})", reader.where, "check the file") from None
     try:
         local = LocalFile(path)
     except OSError as exc:

@@ -3,6 +3,7 @@ files opened and bytes read."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -12,14 +13,16 @@ from shardstate.io.storage import FetchReport, FileReader, LocalFile, RemoteFile
 
 
 class Arrivals:
-    """Bytes this process has read into memory so far, counted as they land (not exact under threads, but
-    it only grows): what a rank's heartbeat reports while it loads (parallel/peers.py)."""
+    """Bytes this process has read into memory so far, counted as they land: what a rank's heartbeat
+    reports while it loads (parallel/peers.py)."""
 
     total = 0
+    lock = threading.Lock()
 
     @classmethod
     def add(cls, nbytes: int) -> None:
-        cls.total += nbytes
+        with cls.lock:
+            cls.total += nbytes
 
     @classmethod
     def so_far(cls) -> int:
@@ -39,7 +42,7 @@ class ReadAccount:
 
     def __init__(self, remote: RemoteFiles | None = None) -> None:
         self.remote = remote
-        self.fetch = FetchReport()  # filled by a load from object storage
+        self.fetch_report = FetchReport()  # filled by a load from object storage
         self._readers: dict[tuple[Path, int], FileReader] = {}
         self.files: list[str] = []  # every file opened, in order
         self.bytes_read = 0
@@ -62,7 +65,8 @@ class ReadAccount:
                 try:
                     reader = LocalFile(path, flags)
                 except OSError as exc:
-                    raise ShardstateError(f"cannot open ({exc.strerror})", path, "check the file exists") from None
+                    raise ShardstateError(f"cannot read ({exc.strerror})", path,
+                                          "check the path and permissions") from None
             self._readers[path, flags] = reader
             if str(path) not in self.files:
                 self.files.append(str(path))

@@ -20,6 +20,7 @@ from typing import Any
 
 from shardstate.errors import ShardstateError, failing_as
 from shardstate.io.crc32 import crc32_combine
+from shardstate.io.storage import ObjectInfo
 
 SCHEME = "s3://"
 RANGE_BYTES = 16 << 20  # one ranged GET
@@ -93,6 +94,9 @@ def _failure(exc: BaseException, url: str) -> ShardstateError:
         code = exc.response.get("Error", {}).get("Code", "")
         if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "404"):
             return ShardstateError(f"{url} does not exist", None, "check the location, or upload the state")
+        if status == 412:
+            return ShardstateError(f"{url} changed while it was read (it is not the version listed when the load "
+                                   "began)", None, "load again once the upload that replaced it has finished")
         if status == 403:
             return ShardstateError(f"access to {url} refused ({code or 403})", None,
                                    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
@@ -120,10 +124,10 @@ class S3Store:
         except Exception as exc:  # botocore's hierarchy is wide: every failure becomes one line
             raise _failure(exc, url) from None
 
-    def size(self, name: str) -> int:
+    def head(self, name: str) -> ObjectInfo:
         key = self.location.key(name)
         head = self.call(self.location.url(name), lambda: self.client.head_object(Bucket=self.location.bucket, Key=key))
-        return int(head["ContentLength"])
+        return ObjectInfo(int(head["ContentLength"]), head.get("ETag", ""))
 
     def read_bytes(self, name: str) -> bytes:
         key = self.location.key(name)
@@ -131,22 +135,26 @@ class S3Store:
                          lambda: self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"])
         return self.call(self.location.url(name), body.read)
 
-    def objects(self) -> dict[str, int]:
-        """Every object under the prefix, by its name relative to it: its size."""
+    def objects(self) -> dict[str, ObjectInfo]:
+        """Every object under the prefix, by its name relative to it."""
         prefix = self.location.key("")
-        found: dict[str, int] = {}
+        found: dict[str, ObjectInfo] = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.location.bucket, Prefix=prefix)
         for page in self.call(self.location.url(), lambda: list(pages)):
-            found.update((item["Key"][len(prefix):], int(item["Size"])) for item in page.get("Contents", []))
+            found.update((item["Key"][len(prefix):], ObjectInfo(int(item["Size"]), item.get("ETag", "")))
+                         for item in page.get("Contents", []))
         return found
 
-    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        """Exactly len(buffer) bytes from `offset`, read straight into `buffer`."""
+    def read_into(self, name: str, offset: int, buffer: memoryview, version: ObjectInfo | None = None) -> None:
+        """Exactly len(buffer) bytes from `offset`, read straight into `buffer`; of exactly `version` of the
+        object when given (its ETag, its size), so that no read mixes two versions of a replaced object."""
         url, key = self.location.url(name), self.location.key(name)
         end = offset + len(buffer) - 1
+        condition = {"IfMatch": version.etag} if version is not None and version.etag else {}
         response = self.call(url, lambda: self.client.get_object(Bucket=self.location.bucket, Key=key,
-                                                                 Range=f"bytes={offset}-{end}"))
-        if not str(response.get("ContentRange", "")).startswith(f"bytes {offset}-{end}/"):
+                                                                 Range=f"bytes={offset}-{end}", **condition))
+        total = str(version.size) if version is not None else ""
+        if not str(response.get("ContentRange", "")).startswith(f"bytes {offset}-{end}/{total}"):
             response["Body"].close()  # a server that ignored the range would send other bytes than asked
             raise ShardstateError(f"{url}: asked for bytes {offset}-{end}, the server sent "
                                   f"{response.get('ContentRange') or 'the whole object'}", None,
@@ -159,10 +167,11 @@ class S3Store:
                                       None, "the object is truncated or changed: upload the state again")
             done += got
 
-    def fetch(self, name: str, size: int, out: Path, ranges: int = DEFAULT_RANGES) -> int:
-        """The object (of `size` bytes) into the new file `out`, `ranges` ranged GETs at a time, each read
-        into its own buffer and written at its offset; returns the file's crc32. (Not fsynced: whoever
-        uses the file checks it first.)"""
+    def fetch(self, name: str, version: ObjectInfo, out: Path, ranges: int = DEFAULT_RANGES) -> int:
+        """The object (exactly `version` of it) into the new file `out`, `ranges` ranged GETs at a time,
+        each read into its own buffer and written at its offset; returns the file's crc32. (Not fsynced:
+        whoever uses the file checks it first.)"""
+        size = version.size
         with failing_as("cannot write", out, CACHE_TODO):
             fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -175,7 +184,7 @@ class S3Store:
                 if getattr(local, "buffer", None) is None:
                     local.buffer = bytearray(RANGE_BYTES)
                 view = memoryview(local.buffer)[:length]
-                self.read_into(name, start, view)
+                self.read_into(name, start, view, version)
                 with failing_as("cannot write", out, CACHE_TODO):
                     write_all(fd, view, start)
                 return zlib.crc32(view)
@@ -204,16 +213,17 @@ class S3Store:
                   lambda: self.client.upload_file(str(path), self.location.bucket, key, Config=config))
 
 
-_stores: dict[S3Location, S3Store] = {}
+_stores: dict[tuple[str | None, ...], S3Store] = {}
 _stores_lock = threading.Lock()
 
 
 def store_for(location: S3Location) -> S3Store:
-    """This process's one S3Store (and client) per location."""
+    """This process's one S3Store (and client) per endpoint, credentials and location."""
+    key = (*(os.environ.get(v) for v in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")), location.url())
     with _stores_lock:
-        if location not in _stores:
-            _stores[location] = S3Store(location)
-        return _stores[location]
+        if key not in _stores:
+            _stores[key] = S3Store(location)
+        return _stores[key]
 
 
 class ObjectFile:
@@ -221,14 +231,15 @@ class ObjectFile:
 
     remote = True
 
-    def __init__(self, store: S3Store, name: str, size: int, parallel: int = DEFAULT_RANGES):
-        self.store, self.name, self.size, self.parallel = store, name, size, parallel
+    def __init__(self, store: S3Store, name: str, version: ObjectInfo, parallel: int = DEFAULT_RANGES):
+        self.store, self.name, self.version, self.parallel = store, name, version, parallel
+        self.size = version.size
         self.where = store.location.url(name)
 
     def read_into(self, offset: int, buffer: memoryview) -> int:
         length = max(0, min(len(buffer), self.size - offset))
         if length:
-            self.store.read_into(self.name, offset, buffer[:length])
+            self.store.read_into(self.name, offset, buffer[:length], self.version)
         return length
 
     def close(self) -> None:

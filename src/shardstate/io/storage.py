@@ -55,22 +55,28 @@ class LocalFile:
 
 
 @dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str  # the server's version tag: every ranged GET asks for exactly this version (If-Match)
+
+
+@dataclass(frozen=True)
 class RemoteFiles:
-    """Files of `root` (a node cache directory) whose bytes are still objects under `url`: name -> size.
+    """Files of `root` (a node cache directory) whose bytes are still objects under `url`, by name.
     Picklable (workers receive it); each process opens its own client."""
 
     root: Path
     url: str  # s3://bucket/prefix
-    sizes: dict[str, int]
+    objects: dict[str, ObjectInfo]
     parallel: int  # ranged GETs in flight per file
 
     def holds(self, path: Path) -> bool:
-        return path.parent == self.root and path.name in self.sizes
+        return path.parent == self.root and path.name in self.objects
 
     def open(self, path: Path) -> FileReader:
         from shardstate.io.s3 import ObjectFile, S3Location, store_for
 
-        return ObjectFile(store_for(S3Location.parse(self.url)), path.name, self.sizes[path.name], self.parallel)
+        return ObjectFile(store_for(S3Location.parse(self.url)), path.name, self.objects[path.name], self.parallel)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def load_weights(
     loader = LOADERS[resolve_load_format(load_format, directory)]
     start = time.perf_counter()
     account = loader(target, directory)
-    fetch = account.fetch
+    fetch = account.fetch_report
     device = torch.device(target.io.device)
     if device.type != "cpu":
         model.to(device)

@@ -99,7 +99,7 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
             memory = read_spans(spans, io.mode, account, io.threads, streaming)
         spans += [Span(path, 0, len(data)) for path, data in fetched.items()]
         for span, data in zip(spans, [*memory, *fetched.values()], strict=True):
-            for name in by_file[span.path]:
+            for name in by_file.get(span.path, ()):  # a fetched file may hold only constants
                 entry = locations[name].entry
                 raw = data[entry.begin - span.start : entry.end - span.start]
                 param = target.params[name]

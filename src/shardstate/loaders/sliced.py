@@ -24,7 +24,7 @@ Plan = list[tuple[TensorLocation, torch.Tensor, Copy]]
 
 
 def load_sliced(target: LoadTarget, directory: ModelDir) -> ReadAccount:
-    with ReadAccount(directory.weight_files()) as account:
+    with ReadAccount(directory.remote_weights()) as account:
         checkpoint = open_checked(target.specs, directory.path, account)
         plan = [(checkpoint.tensors[copy.source], dest, copy) for dest, copy in target.zero_padding_and_plan()]
         plan.sort(key=lambda item: (str(item[0].file), item[0].entry.begin, item[2].src))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,7 @@ class TPGroup:
     rank: int
     size: int
     store: tuple[str, int] | None = None  # (host, port) of the rendezvous store, when size > 1
+    run: str = ""  # a name all ranks of this group share, and no earlier group on the same store had
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
@@ -58,8 +60,8 @@ def device_for(local_rank: int) -> torch.device:
 
 def init_group(rank: int, size: int, init_method: str | None = None, timeout_s: float = 300) -> TPGroup:
     """Join the TP group. `init_method` None means torchrun's env:// (MASTER_ADDR/MASTER_PORT). The
-    rendezvous store is made here, as init_process_group would make it, so that the ranks can also use
-    it themselves (parallel/peers.py)."""
+    rendezvous store (a TCPStore, hosted by rank 0 or by torchrun's agent) is made here and handed to
+    init_process_group, so that the ranks can also use it themselves (parallel/peers.py)."""
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -70,7 +72,9 @@ def init_group(rank: int, size: int, init_method: str | None = None, timeout_s: 
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore(address[0], address[1], size, is_master=host_here, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
-        return TPGroup(rank, size, address)
+        run = [secrets.token_hex(8)]
+        dist.broadcast_object_list(run, src=0)  # torchrun's agent keeps its store across restarts
+        return TPGroup(rank, size, address, run[0])
     return TPGroup(rank, size)
 
 

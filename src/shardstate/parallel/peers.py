@@ -9,7 +9,6 @@ one that neither finishes nor reads anything for the time-out is named as stuck.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,50 +23,70 @@ BEAT_S = 0.5
 
 
 def _client(group: TPGroup, timeout_s: float) -> dist.TCPStore:
-    assert group.store is not None
     host, port = group.store
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def _key(what: str, rank: int) -> str:
-    # torchrun's agent keeps its store across restarts of the workers: one namespace per restart
-    return f"shardstate/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{what}/{rank}"
+def _key(group: TPGroup, what: str, rank: int) -> str:
+    return f"shardstate/{group.run}/{what}/{rank}"
 
 
 @contextlib.contextmanager
 def loading(group: TPGroup, progress: Callable[[], int], timeout_s: float) -> Iterator[None]:
-    """Run the block (this rank's load) with a heartbeat, then wait for every other rank to load."""
-    if group.size == 1:
+    """Run the block (this rank's load) with a heartbeat, then wait for every other rank to load. A rank
+    whose load fails says so, and the others stop waiting."""
+    if group.size == 1 or group.store is None:
         yield
         return
-    store = _client(group, timeout_s)
+    with _store_errors(group):
+        store = _client(group, timeout_s)
     stop = threading.Event()
 
     def beat() -> None:
-        beats = _client(group, timeout_s)  # a client of its own: the main thread uses `store`
-        while not stop.wait(BEAT_S):
-            beats.set(_key("read", group.rank), str(progress()))
+        with contextlib.suppress(Exception):  # a store gone is for the main thread to report, once
+            beats = _client(group, timeout_s)  # a client of its own: the main thread uses `store`
+            while not stop.wait(BEAT_S):
+                beats.set(_key(group, "read", group.rank), str(progress()))
 
     thread = threading.Thread(target=beat, name="shardstate-heartbeat", daemon=True)
     thread.start()
     try:
         yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            store.set(_key(group, "failed", group.rank), str(exc)[:300])
+        raise
     finally:
         stop.set()
         thread.join()
-    store.set(_key("loaded", group.rank), "1")
-    _wait_for_peers(store, group, timeout_s)
+    with _store_errors(group):
+        store.set(_key(group, "loaded", group.rank), "1")
+        _wait_for_peers(store, group, timeout_s)
+
+
+@contextlib.contextmanager
+def _store_errors(group: TPGroup) -> Iterator[None]:
+    try:
+        yield
+    except dist.DistError as exc:  # the store's host (rank 0, or torchrun's agent) is gone or unreachable
+        host, port = group.store
+        raise ShardstateError(f"the rendezvous store at {host}:{port} stopped answering ({str(exc)[:120]})", None,
+                              "check the other ranks' output: rank 0 (or its node) may have stopped") from None
 
 
 def _wait_for_peers(store: dist.TCPStore, group: TPGroup, timeout_s: float) -> None:
     last: dict[int, tuple[str, float]] = {}
     while True:
-        waiting = [r for r in range(group.size) if not store.check([_key("loaded", r)])]
+        waiting = [r for r in range(group.size) if not store.check([_key(group, "loaded", r)])]
         if not waiting:
             return
         now = time.monotonic()
         for rank in waiting:
-            read = store.get(_key("read", rank)).decode() if store.check([_key("read", rank)]) else ""
+            if store.check([_key(group, "failed", rank)]):
+                reason = store.get(_key(group, "failed", rank)).decode(errors="replace")
+                raise ShardstateError(f"rank {rank} failed while loading ({reason})")
+            read_key = _key(group, "read", rank)
+            read = store.get(read_key).decode() if store.check([read_key]) else ""
             if rank not in last or last[rank][0] != read:
                 last[rank] = (read, now)
             elif now - last[rank][1] > timeout_s:

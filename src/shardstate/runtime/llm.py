@@ -254,7 +254,7 @@ class LLM:
                                  state_id=state_id, config_json=config_json)
             plan = StatePlan.make(self._live_params, self._model_dtype, self.config.num_hidden_layers, max_size,
                                   state_id, config_json, pattern, self.quantization)
-            with ReadAccount(self._opened.directory.weight_files()) as account:
+            with ReadAccount(self._opened.directory.remote_weights()) as account:
                 sources = account.sizes(find_weight_files(self.model_dir, account.remote))
             manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
         return sorted(manifest.files)

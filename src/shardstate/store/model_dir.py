@@ -25,9 +25,9 @@ class ModelDir:
     remote: RemoteOrigin | None = None  # s3://: `path` is its node cache (small files; a state's rank files
     # are fetched into it on load, a HF checkpoint's weights read in place)
 
-    def weight_files(self) -> RemoteFiles | None:
+    def remote_weights(self) -> RemoteFiles | None:
         """What of the weight files is in object storage (a HF checkpoint in S3), for a ReadAccount."""
-        return self.remote.weight_files() if self.remote is not None else None
+        return self.remote.remote_weights() if self.remote is not None else None
 
     @property
     def kind(self) -> str:

@@ -1,12 +1,14 @@
-"""A sharded state in object storage (`s3://bucket/prefix`), loaded through a per-node cache directory.
+"""A model in object storage (`s3://bucket/prefix`), loaded through a per-node cache directory.
 
-The driver (or, under torchrun, each process) fetches the small files first: the manifest, config.json and
-the other side files, into `<cache>/<bucket>-<hash of endpoint and location>/`. The cache directory is then
-an ordinary sharded-state directory whose rank files arrive later: each rank fetches only its own
-(`fetch_rank_files`), with parallel ranged GETs, into a temporary file that is checked against the
-manifest (size and crc32) and then renamed into place. A later load reuses a cached file only after the
-same check; one that fails it is fetched again. Ranks of one node share the cache: every file lands
-whole, under its final name, by rename."""
+The driver (or, under torchrun, each process) fetches the small files first into
+`<cache>/<bucket>-<hash of endpoint and location>/`: a sharded state's manifest, config.json and side
+files; a Hugging Face checkpoint's config, index and tokenizer files (its weight objects are then read in
+place by the loaders, through io/storage.py). The cache directory is then an ordinary directory whose rank
+files arrive as each rank loads (`load_rank_files`): a file the cache holds is read whole into load
+memory with its crc32 taken on the way; one it lacks (or holds damaged) is fetched with parallel ranged
+GETs straight into load memory, written through to a temporary in the cache, and renamed into place once
+its crc32 matches the manifest. Ranks of one node share the cache: every file lands whole, under its
+final name, by rename. `fetch_rank_files` fetches to the cache only (verify, a reshard)."""
 
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ from shardstate.io.engine import Span, read_spans
 from shardstate.io.files import open_regular
 from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, S3Location, S3Store, store_for, write_all
-from shardstate.io.storage import FetchReport, RemoteFiles
+from shardstate.io.storage import FetchReport, ObjectInfo, RemoteFiles
 from shardstate.processes import alive
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
+CACHE_MARKER = ".shardstate-cache"
 SMALL_FILE_LIMIT = 64 << 20  # a HF checkpoint's files fetched into the cache (config, tokenizer...) are below
 CHUNK = 16 << 20
 # Temporaries are named `.NAME.fetch-HOST-PID-RANDOM`: a cache may be shared by hosts (NFS), and only this
@@ -72,13 +75,13 @@ class RemoteOrigin:
     url: str
     cache: Path  # the model's directory in the node's cache
     ranges: int = DEFAULT_RANGES  # parallel ranged GETs per file
-    weights: dict[str, int] = field(default_factory=dict)  # a HF checkpoint: its weight objects, name -> size
+    weights: dict[str, ObjectInfo] = field(default_factory=dict)  # a HF checkpoint: its weight objects
 
     @property
     def location(self) -> S3Location:
         return S3Location.parse(self.url)
 
-    def weight_files(self) -> RemoteFiles | None:
+    def remote_weights(self) -> RemoteFiles | None:
         """A HF checkpoint's weight files as the loaders read them: objects, in place."""
         return RemoteFiles(self.cache, self.url, self.weights, self.ranges) if self.weights else None
 
@@ -96,16 +99,21 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None 
     and *.safetensors, no manifest): config, index and tokenizer files; its weight files stay objects,
     read in place by the loaders (`RemoteOrigin.weights`)."""
     location = S3Location.parse(url)
-    store = S3Store(location)
+    store = store_for(location)
     directory = cache_directory(location, (cache_root or default_cache_root()).absolute())
     with failing_as("cannot create the cache directory", directory, CACHE_TODO):
         directory.mkdir(parents=True, exist_ok=True)
+        if not any(directory.iterdir()):
+            (directory / CACHE_MARKER).touch()
+    if not (directory / CACHE_MARKER).is_file():  # its files are replaced and removed: only in shardstate's own
+        raise ShardstateError("not a directory shardstate made for its cache (no .shardstate-cache)", directory,
+                              "choose another --cache-dir")
     objects = store.objects()
     if MANIFEST_NAME not in objects:
         return _fetch_checkpoint_files(store, directory, objects, ranges or ranges_in_flight())
-    if objects[MANIFEST_NAME] > MAX_MANIFEST_BYTES:
-        raise ShardstateError(f"{location.url(MANIFEST_NAME)} is {objects[MANIFEST_NAME]} bytes, over the manifest "
-                              "limit", None, "this is not a shardstate manifest")
+    if objects[MANIFEST_NAME].size > MAX_MANIFEST_BYTES:
+        raise ShardstateError(f"{location.url(MANIFEST_NAME)} is {objects[MANIFEST_NAME].size} bytes, over the "
+                              "manifest limit", None, "this is not a shardstate manifest")
     manifest_bytes = store.read_bytes(MANIFEST_NAME)
     try:
         doc = loads_strict(manifest_bytes)
@@ -113,17 +121,20 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None 
         raise ShardstateError(f"{location.url(MANIFEST_NAME)} is not a valid manifest ({exc})", None,
                               "upload the state again") from None
     manifest = parse_manifest(doc, directory / MANIFEST_NAME)
+    _remove_others(directory, manifest.names_written())  # e.g. a tokenizer file of what this location held before
     for name in manifest.side_files:
         _replace(directory, name, store.read_bytes(name))
     _replace(directory, MANIFEST_NAME, manifest_bytes)
     return RemoteOrigin(location.url(), directory, ranges or ranges_in_flight())
 
 
-def _fetch_checkpoint_files(store: S3Store, directory: Path, objects: dict[str, int], ranges: int) -> RemoteOrigin:
+def _fetch_checkpoint_files(
+    store: S3Store, directory: Path, objects: dict[str, ObjectInfo], ranges: int
+) -> RemoteOrigin:
     """A Hugging Face checkpoint's small files into the cache; its weight objects listed by name and size."""
     location = store.location
-    top = {name: size for name, size in objects.items() if is_plain_name(name)}
-    weights = {name: size for name, size in top.items() if name.endswith(".safetensors")}
+    top = {name: info for name, info in objects.items() if is_plain_name(name)}
+    weights = {name: info for name, info in top.items() if name.endswith(".safetensors")}
     if CONFIG_NAME not in top or not weights:
         lacking = "config.json" if CONFIG_NAME not in top else "*.safetensors weight files"
         raise ShardstateError(f"{location.url()} holds no shardstate.json and no {lacking}", None,
@@ -133,10 +144,11 @@ def _fetch_checkpoint_files(store: S3Store, directory: Path, objects: dict[str, 
         raise ShardstateError(f"{location.url()} holds rank files but no shardstate.json", None,
                               "an upload that did not finish, or a vLLM-written state (whose files cannot be "
                               "checked): upload a directory that passes `shardstate verify`")
-    for name, size in top.items():
-        if name not in weights and not name.endswith(PICKLE_SUFFIXES) and size <= SMALL_FILE_LIMIT:
-            _replace(directory, name, store.read_bytes(name))
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)  # the location held a sharded state before
+    small = {name for name, info in top.items()
+             if name not in weights and not name.endswith(PICKLE_SUFFIXES) and info.size <= SMALL_FILE_LIMIT}
+    _remove_others(directory, small)  # e.g. a manifest or an index of what this location held before
+    for name in sorted(small):
+        _replace(directory, name, store.read_bytes(name))
     return RemoteOrigin(location.url(), directory, ranges, weights)
 
 
@@ -147,17 +159,16 @@ def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> Fet
     start = time.perf_counter()
     report = FetchReport()
     missing = files_to_fetch(origin, manifest, rank, report)
-    if missing:
-        store = S3Store(origin.location)
-        for name, size in missing.items():
-            temporary = origin.cache / temporary_name(name)
-            try:
-                check_crc(origin, name, store.fetch(name, size, temporary, origin.ranges), manifest)
-                os.replace(temporary, origin.cache / name)
-            finally:
-                temporary.unlink(missing_ok=True)
-            report.fetched.append(name)
-            report.bytes_fetched += size
+    store = store_for(origin.location)
+    for name, version in missing.items():
+        temporary = origin.cache / temporary_name(name)
+        try:
+            check_crc(origin, name, store.fetch(name, version, temporary, origin.ranges), manifest)
+            os.replace(temporary, origin.cache / name)
+        finally:
+            temporary.unlink(missing_ok=True)
+        report.fetched.append(name)
+        report.bytes_fetched += version.size
     report.seconds = time.perf_counter() - start
     return report
 
@@ -169,27 +180,25 @@ def load_rank_files(
     node cache holds are read from it (`threads` readers; checking and loading are one pass), those it lacks
     or holds damaged from object storage (`origin.ranges` ranged GETs in flight), written through to
     temporaries in the cache and renamed into place once their crc32 matches the manifest. Returns each
-    file's bytes by its cache path; `account.fetch` says what came from where."""
+    file's bytes by its cache path; `account.fetch_report` says what came from where."""
     start = time.perf_counter()
-    report = account.fetch
+    report = account.fetch_report
     sizes = {name: manifest.files[name]["size"] for name in manifest.rank_files(rank)}
     images: dict[Path, torch.Tensor] = {}
-    held = []
+    held: list[Path] = []
     for name in sizes:
         _remove_dead_temporaries(origin.cache, name)
         if _size_of(origin.cache / name) == sizes[name]:
             held.append(origin.cache / name)
-    if held:
+    for path in held:  # one allocation each: a damaged file's is freed, not kept beside the parameters
         crcs = Crc32Sink()
-        data = read_spans([Span(path, 0, sizes[path.name]) for path in held], "read", account, threads, sink=crcs)
-        for path, image in zip(held, data, strict=True):
-            if crcs.crc(path.name, sizes[path.name]) == manifest.files[path.name]["crc32"]:
-                images[path] = image
-                report.cached.append(path.name)
+        (image,) = read_spans([Span(path, 0, sizes[path.name])], "read", account, threads, sink=crcs)
+        if crcs.crc(path.name, sizes[path.name]) == manifest.files[path.name]["crc32"]:
+            images[path] = image
+            report.cached.append(path.name)
     missing = {name: size for name, size in sizes.items() if origin.cache / name not in images}
     if missing:
-        _check_sizes(origin, missing)
-        account.use_remote(RemoteFiles(origin.cache, origin.url, missing, origin.ranges))
+        account.use_remote(RemoteFiles(origin.cache, origin.url, _versions(origin, missing), origin.ranges))
         paths = [origin.cache / name for name in missing]
         with CacheWriter(origin, missing) as writer:
             fetched = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=writer)
@@ -208,9 +217,9 @@ def _size_of(path: Path) -> int | None:
         return None
 
 
-def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: FetchReport) -> dict[str, int]:
-    """The rank's files the cache does not hold intact (name -> size; the others are listed in `report` as
-    cached), each object's size checked against the manifest first."""
+def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: FetchReport) -> dict[str, ObjectInfo]:
+    """The rank's files the cache does not hold intact (the others are listed in `report` as cached), each
+    object's size checked against the manifest first."""
     missing = {}
     for name in manifest.rank_files(rank):
         record = manifest.files[name]
@@ -219,18 +228,19 @@ def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: 
             report.cached.append(name)
         else:
             missing[name] = record["size"]
-    _check_sizes(origin, missing)
-    return missing
+    return _versions(origin, missing)
 
 
-def _check_sizes(origin: RemoteOrigin, sizes: dict[str, int]) -> None:
-    """Each object is as large as the manifest says (a HEAD each), before anything is fetched."""
-    store = store_for(origin.location) if sizes else None
+def _versions(origin: RemoteOrigin, sizes: dict[str, int]) -> dict[str, ObjectInfo]:
+    """Each object's current version (a HEAD each), refused unless it is as large as the manifest says."""
+    store = store_for(origin.location)
+    versions = {}
     for name, expected in sizes.items():
-        size = store.size(name)
-        if size != expected:
-            raise ShardstateError(f"{origin.location.url(name)} is {size} bytes, the manifest says {expected}",
-                                  None, "the object is truncated or was replaced: upload the state again")
+        versions[name] = store.head(name)
+        if versions[name].size != expected:
+            raise ShardstateError(f"{origin.location.url(name)} is {versions[name].size} bytes, the manifest says "
+                                  f"{expected}", None, "the object is truncated or was replaced: upload it again")
+    return versions
 
 
 def check_crc(origin: RemoteOrigin, name: str, crc: int, manifest: Manifest) -> None:
@@ -294,7 +304,8 @@ class CacheWriter(Crc32Sink):
         for name, size in self.sizes.items():
             check_crc(self.origin, name, self.crc(name, size), manifest)
         for name, temporary in self.temporaries.items():
-            os.replace(temporary, self.origin.cache / name)
+            with failing_as("cannot write", self.origin.cache / name, CACHE_TODO):
+                os.replace(temporary, self.origin.cache / name)
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -335,6 +346,14 @@ def _replace(directory: Path, name: str, data: bytes) -> None:
             os.replace(temporary, directory / name)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _remove_others(directory: Path, keep: set[str]) -> None:
+    """Every visible file of the cache directory but `keep` (what the location held before; the cache is
+    shardstate's own). Temporaries are dot-files: those of live fetches are left alone."""
+    for path in directory.iterdir():
+        if not path.name.startswith(".") and path.name not in keep and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _remove_dead_temporaries(directory: Path, name: str) -> None:
