@@ -9,6 +9,7 @@ one that neither finishes nor reads anything for the time-out is named as stuck.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -76,7 +77,7 @@ def _store_errors(group: TPGroup) -> Iterator[None]:
 
 def _wait_for_peers(store: dist.TCPStore, group: TPGroup, timeout_s: float) -> None:
     last: dict[int, tuple[str, float]] = {}
-    while True:
+    for attempt in itertools.count():
         waiting = [r for r in range(group.size) if not store.check([_key(group, "loaded", r)])]
         if not waiting:
             return
@@ -92,4 +93,4 @@ def _wait_for_peers(store: dist.TCPStore, group: TPGroup, timeout_s: float) -> N
             elif now - last[rank][1] > timeout_s:
                 raise ShardstateError(f"rank {rank} read nothing for {timeout_s:g} s while loading", None,
                                       "a rank is hung or its storage stalled; if it is only slow, raise the timeout")
-        time.sleep(BEAT_S)
+        time.sleep(min(BEAT_S, 0.005 * 2**attempt))  # ranks mostly finish close together: look again soon
