@@ -2,8 +2,9 @@
 
 At TP=1 (one GPU), warm and cold page cache, every load path puts the weights on cuda:0. Checks that every
 path's weights are bit-identical to the default loader's and its greedy tokens equal; times each load
-against a yardstick (plain reads into a pinned buffer, copied to the GPU). Writes DIR/gpu.json and prints
-a markdown table. Without a GPU it runs the same on the CPU (a smoke check of the script)."""
+against a yardstick (plain reads into a pinned buffer, copied to the GPU); and that `save --quantize` on the
+GPU writes exactly what `convert --quantize` writes on the CPU. Writes DIR/gpu.json and prints a markdown
+table. Without a GPU it runs the same on the CPU (a smoke check of the script)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from shardstate.benchmark import PROMPT, ensure_model, weight_files
 from shardstate.benchmark.cache import evict
@@ -44,6 +46,26 @@ def pinned_copy_seconds(files: list[Path], device: torch.device, chunk: int = 64
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def quantized_save_matches_convert(source: Path, cache: Path) -> dict[str, bool]:
+    """`save --quantize` (scales computed on the device) writes the tensors `convert --quantize` (on the CPU)
+    writes, bit for bit, for each method."""
+    same = {}
+    for method in ("int8", "fp8"):
+        saved, converted = cache / f"saved-{method}", cache / f"converted-{method}"
+        with LLM(source, quantize=method) as llm:
+            llm.save_sharded_state(saved, force=True)
+        convert(source, converted, 1, force=True, quantize=method, show_progress=False)
+        ours, theirs = rank_tensors(saved), rank_tensors(converted)
+        same[method] = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        print(f"save --quantize {method} == convert --quantize {method}: {same[method]}", flush=True)
+    return same
+
+
+def rank_tensors(state: Path) -> dict[str, torch.Tensor]:
+    return {key: tensor for path in sorted(state.glob("model-rank-0-part-*.safetensors"))
+            for key, tensor in load_file(path).items()}
 
 
 def warm(files: list[Path]) -> None:
@@ -98,6 +120,7 @@ def main() -> None:
         results["runs"].append({"name": "yardstick: read + copy to device", "cache": cache, "seconds": seconds,
                                 "gb_per_s": results["model_bytes"] / seconds / 1e9})
         print(f"[{cache}] yardstick: {seconds:.3f}s", flush=True)
+    results["quantized_save_matches_convert"] = quantized_save_matches_convert(source, args.cache)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(results, indent=1))
     print(f"\n{results['machine']}\n\n| load path (TP=1, to {device}) | warm | cold |\n|---|---|---|")
@@ -105,6 +128,7 @@ def main() -> None:
         cells = [next(r for r in results["runs"] if r["name"] == name and r["cache"] == c) for c in ("warm", "cold")]
         print(f"| {name} | " + " | ".join(f"{r['seconds']:.3f}s ({r['gb_per_s']:.2f} GB/s)" for r in cells) + " |")
     bad = [r["name"] for r in results["runs"] if r.get("weights_identical") is False or r.get("tokens_equal") is False]
+    bad += [f"save/convert --quantize {m}" for m, same in results["quantized_save_matches_convert"].items() if not same]
     if bad:
         raise SystemExit(f"error: weights or tokens differ for {bad}")
 

@@ -63,14 +63,14 @@ def test_rank_silent_after_another_answered_stops_every_rank_after_the_timeout(c
 
 
 def _load_then_reduce(rank: int, port: int, slow_rank: str, results) -> None:
-    """A rank of a real gloo group with a 1.5 s time-out whose rank 1 takes 4 s to load, reading all the
-    while ("reads"), reading nothing ("stalls"), or failing after 0.4 s ("fails")."""
+    """A rank of a real gloo group with a 1 s time-out whose rank 1 takes 2.4 s to load, reading all the
+    while ("reads"), reading nothing ("stalls"), or failing after 0.3 s ("fails")."""
     read = [0]
     try:
-        group = init_group(rank, 2, f"tcp://127.0.0.1:{port}", timeout_s=1.5)
-        with loading(group, lambda: read[0], 1.5):
-            for _ in range(10 if rank == 1 else 0):
-                time.sleep(0.4)
+        group = init_group(rank, 2, f"tcp://127.0.0.1:{port}", timeout_s=1)
+        with loading(group, lambda: read[0], 1):
+            for _ in range(8 if rank == 1 else 0):
+                time.sleep(0.3)
                 if slow_rank == "fails":
                     raise ShardstateError("cannot read (Input/output error) in model-rank-1-part-0.safetensors")
                 read[0] += slow_rank == "reads"
@@ -96,7 +96,7 @@ def test_a_rank_still_loading_is_waited_for_and_a_stalled_or_failed_one_named(sl
     if slow_rank == "reads":
         assert got == {0: ("ok", 2.0), 1: ("ok", 2.0)}
     elif slow_rank == "stalls":
-        assert got[0] == ("error", "rank 1 read nothing for 1.5 s while loading: a rank is hung or its storage "
+        assert got[0] == ("error", "rank 1 read nothing for 1 s while loading: a rank is hung or its storage "
                                    "stalled; if it is only slow, raise the timeout")
     else:
         assert got[0] == ("error", "rank 1 failed while loading (cannot read (Input/output error) in "

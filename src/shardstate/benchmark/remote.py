@@ -57,7 +57,8 @@ def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) ->
                 upload_state(state, url)
                 for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
                     server.client().upload_file(str(path), BUCKET, f"{model_dir.name}/{path.name}")
-                run_ranks("s3_download", every, url)  # untimed: the server's files in its page cache for all
+                if not smoke:  # untimed: the server's files in its page cache for all
+                    run_ranks("s3_download", every, url)
                 for _ in range(1 if smoke else REPEATS):
                     rows.extend(_shardstate_rows(url, checkpoint, tp, work))
                     rows.append({"name": "boto3, own files", **summarize(run_ranks("s3_download", own, url))})
