@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,7 +169,16 @@ def test_a_hf_checkpoint_in_s3_loads_sliced_and_default_and_converts(server, tmp
     assert "holds no shardstate.json and no *.safetensors weight files" in error_line(lone)
 
 
-def test_upload_refuses_a_prefix_that_holds_objects(server, state):
+def test_upload_refuses_a_prefix_that_holds_objects_or_a_damaged_state(server, state, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(state, damaged)
+    rank_file = damaged / "model-rank-1-part-0.safetensors"
+    data = bytearray(rank_file.read_bytes())
+    data[-1] ^= 1
+    rank_file.write_bytes(bytes(data))
+    refused = shardstate(server, "upload", str(damaged), f"s3://{BUCKET}/damaged")
+    assert "model-rank-1-part-0.safetensors does not match its checksum in the manifest" in error_line(refused)
+    assert "Contents" not in server.client().list_objects_v2(Bucket=BUCKET, Prefix="damaged/")  # nothing uploaded
     uploaded(server, state, "twice")
     again = shardstate(server, "upload", str(state), f"s3://{BUCKET}/twice")
     assert f"s3://{BUCKET}/twice already holds" in error_line(again)

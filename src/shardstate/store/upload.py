@@ -13,6 +13,7 @@ from shardstate.errors import ShardstateError
 from shardstate.format.manifest import MANIFEST_NAME
 from shardstate.format.sharded_state import open_sharded_state
 from shardstate.io.s3 import DEFAULT_RANGES, S3Location, S3Store
+from shardstate.store.remote import file_matches
 
 PARALLEL_FILES = 4
 
@@ -40,6 +41,8 @@ class UploadReport:
 
 
 def upload_state(directory: str | Path, url: str, parallel: int = DEFAULT_RANGES) -> UploadReport:
+    """Every rank file checked against the manifest (size, crc32) first: a damaged state is refused before
+    anything is uploaded, rather than refused by every node that fetches it."""
     start = time.perf_counter()
     root = Path(directory)
     state = open_sharded_state(root)  # manifest and config.json checked; no manifest: refused
@@ -51,6 +54,9 @@ def upload_state(directory: str | Path, url: str, parallel: int = DEFAULT_RANGES
         if size != record["size"]:
             found = "missing" if size is None else f"{size} bytes, the manifest says {record['size']}"
             raise ShardstateError(f"{name} is {found}", root, "run `shardstate verify` and re-create the state")
+        if not file_matches(path, record["size"], record["crc32"]):  # before anything is published
+            raise ShardstateError(f"{name} does not match its checksum in the manifest", root,
+                                  "run `shardstate verify` and re-create the state; nothing was uploaded")
     store = empty_prefix(url)
     location = store.location
     rank_files = sorted(manifest.files)
