@@ -7,13 +7,13 @@ memory holds one parameter's sources at a time."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardstate.errors import ShardstateError
+from shardstate.errors import ShardstateError, failing_as
 from shardstate.format.manifest import new_state_id
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.io.janitor import Janitor
@@ -63,9 +63,11 @@ def convert(
         empty_prefix(str(out))  # before the work, not after
         cache = cache_dir or default_cache_root()
         cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".shardstate-convert-", dir=cache))
-        janitor = Janitor(directory=staging)  # removes it if this process is killed
+        staging = cache / f".shardstate-convert-{secrets.token_hex(8)}"
+        janitor = Janitor(directory=staging)  # removes it if this process is killed: started before it exists
         try:
+            with failing_as("cannot create a staging directory", staging, "free space in the cache directory"):
+                staging.mkdir()
             report = convert(src, staging / "state", tp_size, dtype, max_part_bytes, False, show_progress, quantize,
                              for_vllm, cache_dir)
             upload_state(staging / "state", str(out))
