@@ -1,7 +1,9 @@
-"""Sharded states' rank files read back whole, for comparing two states key by key."""
+"""Sharded states' rank files read back whole, for comparing two states key by key; whole directories
+compared byte by byte."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -16,6 +18,16 @@ def rank_tensors(root: Path, rank: int) -> dict:
             tensors[key] = tensor
     assert tensors, f"no files of rank {rank} in {root}"
     return tensors
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file in a directory, by name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())}
+
+
+def assert_same_directory(a: Path, b: Path) -> None:
+    """Byte-identical states: the same names, and every file (rank files, side files, manifest) equal."""
+    assert file_digests(a) == file_digests(b), f"{a} and {b} differ"
 
 
 def rank_file_differences(ours: Path, theirs: Path, tp: int) -> list[str]:

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import checkpoint_maker, transformers_greedy
+from rank_files import assert_same_directory
 from shardstate import LLM
 from shardstate.convert import convert
 from test_loaders import assert_states_equal
-from test_sharded import assert_same_but_state_id
 
 MOE = {"num_experts_per_tok": 2}
 QWEN_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32}
@@ -68,8 +68,7 @@ def test_family_at_tp2_every_loader_and_save(family_dir, tmp_path, name):
     assert_like_transformers(tokens, logits, src)
     direct = convert(src, tmp_path / "direct", 2, max_part_bytes=40_000)
     assert files == direct.files
-    for file in files:
-        assert_same_but_state_id(tmp_path / "saved" / file, tmp_path / "direct" / file)
+    assert_same_directory(tmp_path / "saved", tmp_path / "direct")
     for model, load_format in ((src, "sliced"), (tmp_path / "direct", "sharded")):
         other_states, other_tokens, _, other = run(model, 2, load_format)
         other.close()
@@ -98,8 +97,7 @@ def test_family_reshard_equals_direct_convert(family_dir, tmp_path, name):
         resharded = convert(tmp_path / saved, tmp_path / f"re{target}", target, max_part_bytes=50_000)
         direct = convert(src, tmp_path / f"direct{target}", target, max_part_bytes=50_000)
         assert resharded.files == direct.files
-        for file in direct.files:
-            assert_same_but_state_id(tmp_path / f"re{target}" / file, tmp_path / f"direct{target}" / file)
+        assert_same_directory(tmp_path / f"re{target}", tmp_path / f"direct{target}")
         manifest = json.loads((tmp_path / f"re{target}" / "shardstate.json").read_text())
         assert manifest["architecture"] == FAMILIES[name][0]
 

@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import checkpoint_maker, transformers_greedy
 from quant_reference import KEPT, fake_quantized
-from rank_files import rank_tensors
+from rank_files import assert_same_directory, rank_tensors
 from shardstate import LLM
 from shardstate.convert import convert
-from test_sharded import assert_same_but_state_id
 
 PROMPTS = [[1, 5, 9, 33, 7, 120, 3, 4], [4, 100, 2, 8], [150]]
 STEPS = 6
@@ -83,23 +82,22 @@ def test_quantize_cli_and_refusals(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("method", ["int8", "fp8"])
 def test_quantized_states_save_convert_reshard_and_load_agree(checkpoint, tmp_path, method):
-    """The seed's flow (load, quantize on the workers, each rank saves) writes the bytes of an offline
-    `convert --quantize`, at TP=2 and 4; resharding the quantized state 4 -> 2 -> 1 writes the bytes of a
-    direct convert at that TP; loading it runs the quantized model with the tokens of quantize-after-load."""
+    """The seed's flow (load, quantize on the workers, each rank saves) writes the directory of an offline
+    `convert --quantize`, byte for byte; resharding the quantized state 2 -> 4 -> 2 -> 1 writes the
+    directory of a direct convert at that TP; loading it runs the quantized model with the tokens of
+    quantize-after-load."""
     src = checkpoint("qwen2-moe")
     with LLM(src, tensor_parallel_size=2, load_format="sliced", quantize=method) as llm:
         tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)]
         llm.save_sharded_state(tmp_path / "saved2", max_size=30_000)
     for tp in (2, 4, 1):
         convert(src, tmp_path / f"direct{tp}", tp, max_part_bytes=30_000, quantize=method)
-    for file in sorted(p.name for p in (tmp_path / "direct2").glob("*.safetensors")):
-        assert_same_but_state_id(tmp_path / "saved2" / file, tmp_path / "direct2" / file)
+    assert_same_directory(tmp_path / "saved2", tmp_path / "direct2")
     convert(tmp_path / "saved2", tmp_path / "re4", 4, max_part_bytes=30_000)
     convert(tmp_path / "re4", tmp_path / "re2", 2, max_part_bytes=30_000)
     convert(tmp_path / "re2", tmp_path / "re1", 1, max_part_bytes=30_000)
     for tp in (4, 2, 1):
-        for file in sorted(p.name for p in (tmp_path / f"direct{tp}").glob("*.safetensors")):
-            assert_same_but_state_id(tmp_path / f"re{tp}" / file, tmp_path / f"direct{tp}" / file)
+        assert_same_directory(tmp_path / f"re{tp}", tmp_path / f"direct{tp}")
     manifest = json.loads((tmp_path / "re1" / "shardstate.json").read_text())
     assert manifest["quantization"] == {"method": method, "scales": "per-output-channel"}
     assert {r["dtype"] for r in manifest["tensors"]["0"].values()} == {"F32", "I8" if method == "int8" else "F8_E4M3"}
@@ -145,10 +143,7 @@ def test_save_quantized_at_tp4_equals_convert(checkpoint, tmp_path):
     with LLM(src, tensor_parallel_size=4, load_format="sliced", quantize="fp8") as llm:
         llm.save_sharded_state(tmp_path / "saved", max_size=30_000)
     convert(src, tmp_path / "direct", 4, max_part_bytes=30_000, quantize="fp8")
-    files = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
-    assert files == sorted(p.name for p in (tmp_path / "saved").glob("*.safetensors"))
-    for file in files:
-        assert_same_but_state_id(tmp_path / "saved" / file, tmp_path / "direct" / file)
+    assert_same_directory(tmp_path / "saved", tmp_path / "direct")
 
 
 def test_quantizing_after_a_sharded_load_frees_the_load_buffer(checkpoint, tmp_path):
@@ -203,9 +198,7 @@ def test_a_quantized_state_for_vllm(checkpoint, tmp_path):
             plain[k].view(-1).view(torch.uint8)) for k in ours)
     with LLM(src, tensor_parallel_size=2, quantize="int8") as llm:
         llm.save_sharded_state(tmp_path / "saved", for_vllm=True)
-    assert (tmp_path / "saved" / "config.json").read_bytes() == (tmp_path / "vllm" / "config.json").read_bytes()
-    for file in sorted(p.name for p in (tmp_path / "vllm").glob("*.safetensors")):
-        assert_same_but_state_id(tmp_path / "saved" / file, tmp_path / "vllm" / file)
+    assert_same_directory(tmp_path / "saved", tmp_path / "vllm")
     convert(tmp_path / "vllm", tmp_path / "re1", 1)
     assert (tmp_path / "re1" / "config.json").read_bytes() == (tmp_path / "vllm" / "config.json").read_bytes()
     assert "model.layers.1.self_attn.attn.v_zero_point" in rank_tensors(tmp_path / "re1", 0)

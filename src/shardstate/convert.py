@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardstate.errors import ShardstateError, failing_as
-from shardstate.format.manifest import new_state_id
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.io.janitor import Janitor
 from shardstate.io.reader import ReadAccount
@@ -28,7 +27,7 @@ from shardstate.store.model_dir import fetch_every_rank
 from shardstate.store.output import staged_output
 from shardstate.store.remote import default_cache_root
 from shardstate.store.upload import empty_prefix, upload_state
-from shardstate.store.writer import StatePlan, complete_state
+from shardstate.store.writer import StatePlan, complete_state, source_records
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def convert(
                               "convert without --dtype, or from the unquantized checkpoint")
     quantization = model.quantization or quantize
     params = dict(build_on_meta(config, TPGroup(0, tp_size), torch_dtype, quantization).named_parameters())
-    plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes, new_state_id(),
+    plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes,
                           model.state_config_json(quantization, for_vllm), quantization=quantization)
     with staged_output(out, src, force) as tmp, ReadAccount(model.directory.remote_weights()) as account:
         source: TensorSource = (
@@ -113,6 +112,7 @@ def convert(
             progress.close()
             for writer in writers:
                 writer.abort()
-        manifest = complete_state(tmp, src, config, plan, [w.result() for w in writers], source_sizes)
+        manifest = complete_state(tmp, src, config, plan, [w.result() for w in writers],
+                                  source_records(state, source_sizes))
     written = sum(f["size"] for f in manifest.files.values())
     return ConvertReport(time.perf_counter() - start, account.bytes_read, written, sorted(manifest.files))

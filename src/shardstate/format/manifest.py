@@ -9,12 +9,12 @@ wrong field is one ShardstateError naming it, found before anything is allocated
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
 import string
 import unicodedata
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +54,7 @@ TODO = "re-create the sharded state (shardstate convert or save)"
 
 @dataclass
 class Manifest:
-    state_id: str  # random, written once per state into the manifest and every rank file's metadata
+    state_id: str  # state_id_of(this manifest), also in every rank file's metadata (older states: random)
     tp_size: int
     architecture: str
     config_sha256: str
@@ -95,8 +95,26 @@ class Manifest:
         return {MANIFEST_NAME, *self.files, *self.side_files}
 
 
-def new_state_id() -> str:
-    return uuid.uuid4().hex
+PENDING_STATE_ID = "0" * 32  # in a rank file's metadata until the state is complete and its id is known
+
+
+def state_id_of(manifest: Manifest) -> str:
+    """The id of the state a manifest describes: a digest of everything it says (format version, layout,
+    architecture, config.json's digest, dtype, quantization, the checkpoint the state was made from, every
+    file's size and every tensor's place, spec and xxh3 digest of its bytes) but the id itself and the
+    files' crc32s (they cover the id, which is in every rank file's metadata). So the same inputs give a
+    byte-identical directory whichever way it was made (`convert`, `save`, a reshard there and back), and
+    two states share an id only when their rank files hold the same tensors in the same places: a file
+    of another state is still refused (other weights change the digests, another TP size the layout).
+
+    The digests are of the tensors' content as written, known only once every rank has written its
+    files; the files are therefore written with PENDING_STATE_ID (same length) and stamped in place
+    afterwards (store/writer.py), which costs a header rewrite per file, not a second pass over the
+    data, as hashing the source up front would."""
+    doc = manifest.to_json()
+    doc["state_id"] = ""
+    doc["files"] = {name: {k: v for k, v in record.items() if k != "crc32"} for name, record in doc["files"].items()}
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def rank_file_metadata(state_id: str, rank: int, tp_size: int, part: int) -> dict[str, str]:

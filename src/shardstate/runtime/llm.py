@@ -17,7 +17,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
-from shardstate.format.manifest import PP1_PATTERN, check_pattern, new_state_id
+from shardstate.format.manifest import PP1_PATTERN, check_pattern
 from shardstate.io.engine import IO_MODES
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders import LoadReport, resolve_load_format
@@ -37,7 +37,7 @@ from shardstate.runtime.worker import WorkerArgs, worker_main
 from shardstate.stops import forget, on_default_death
 from shardstate.store.output import staged_output
 from shardstate.store.remote import remove_temporaries_of
-from shardstate.store.writer import StatePlan, complete_state
+from shardstate.store.writer import StatePlan, complete_state, source_records
 
 # Bounds on what a caller may ask for (the CLI's argument types use the same): a time-out from 1 s (starting
 # gloo and the rendezvous takes about that) to a day, at most 64 reader threads per rank, and on CPU at
@@ -247,16 +247,16 @@ class LLM:
         names written."""
         pattern = check_pattern(pattern or PP1_PATTERN)
         out = Path(path)
-        state_id = new_state_id()
         config_json = self._opened.state_config_json(self.quantization, for_vllm)
         with staged_output(out, self.model_dir, force) as tmp:
             written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
-                                 state_id=state_id, config_json=config_json)
+                                 config_json=config_json)
             plan = StatePlan.make(self._live_params, self._model_dtype, self.config.num_hidden_layers, max_size,
-                                  state_id, config_json, pattern, self.quantization)
+                                  config_json, pattern, self.quantization)
             with ReadAccount(self._opened.directory.remote_weights()) as account:
-                sources = account.sizes(find_weight_files(self.model_dir, account.remote))
-            manifest = complete_state(tmp, self.model_dir, self.config, plan, written, sources)
+                sizes = account.sizes(find_weight_files(self.model_dir, account.remote))
+            source = source_records(self._opened.directory.state, sizes)
+            manifest = complete_state(tmp, self.model_dir, self.config, plan, written, source)
         return sorted(manifest.files)
 
     def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:

@@ -63,12 +63,12 @@ class Worker:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
         return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
 
-    def save(self, directory: str, pattern: str, max_part_bytes: int, state_id: str, config_json: bytes) -> dict:
+    def save(self, directory: str, pattern: str, max_part_bytes: int, config_json: bytes) -> dict:
         """Write this rank's live parameters (each distinct tensor once) as its part files; return what the
         manifest needs (RankWriter.result())."""
         model = self.args.model
         plan = StatePlan.make(dict(self.model.named_parameters()), model.dtype, self.config.num_hidden_layers,
-                              max_part_bytes, state_id, config_json, pattern,
+                              max_part_bytes, config_json, pattern,
                               model.quantization or self.args.quantize)
         writer = plan.writer(Path(directory), self.rank)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from shardstate.errors import failing_as
 from shardstate.format.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 from shardstate.format.manifest import (
     MANIFEST_NAME,
+    PENDING_STATE_ID,
     PP1_PATTERN,
     QUANT_SCALES,
     Manifest,
@@ -25,11 +27,13 @@ from shardstate.format.manifest import (
     constant_spec,
     is_plain_name,
     rank_file_metadata,
+    state_id_of,
     write_manifest,
 )
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import WRITE_TODO, OutTensor, RankWriter, split_into_parts
-from shardstate.format.sharded_state import vllm_scale_names
+from shardstate.format.sharded_state import ShardedState, vllm_scale_names
+from shardstate.io.crc32 import crc32_combine
 from shardstate.io.files import open_regular
 from shardstate.quant.vllm import declares_quantization, kv_placeholders
 from shardstate.spec import ShardSpec, spec_to_json
@@ -47,13 +51,12 @@ class StatePlan:
     constants: dict[str, tuple[OutTensor, float]]  # tensors vLLM's loader needs, each filled with a value
     config_json: bytes  # OUT's config.json (the source's, or with what vLLM needs for a quantized state)
     pattern: str
-    state_id: str  # new_state_id() once per state: every rank's writer records the same
     quantization: str | None = None  # the method quantized weights were made with
 
     @classmethod
     def make(
         cls, params: dict[str, torch.Tensor], dtype: torch.dtype, num_layers: int, max_part_bytes: int,
-        state_id: str, config_json: bytes, pattern: str = PP1_PATTERN, quantization: str | None = None,
+        config_json: bytes, pattern: str = PP1_PATTERN, quantization: str | None = None,
     ) -> StatePlan:
         """`params`: a rank's parameters by name (live, or on the meta device), each carrying its `.spec`;
         each is written in its own dtype. A `config_json` with a quantization_config (`--for-vllm`) adds
@@ -64,15 +67,16 @@ class StatePlan:
         tensors = [OutTensor(n, p.dtype, p.spec.local_shape()) for n, p in params.items()]
         parts = split_into_parts(tensors + [t for t, _ in constants.values()], max_part_bytes)
         specs = {n: p.spec for n, p in params.items()}
-        return cls(specs, dtype, parts, constants, config_json, check_pattern(pattern), state_id, quantization)
+        return cls(specs, dtype, parts, constants, config_json, check_pattern(pattern), quantization)
 
     @property
     def tp_size(self) -> int:
         return next(iter(self.specs.values())).tp_size
 
     def writer(self, directory: Path, rank: int) -> RankWriter:
+        """Rank `rank`'s writer; its files say PENDING_STATE_ID until complete_state stamps the state's id."""
         return RankWriter(directory, rank, self.parts, self.pattern,
-                          lambda part: rank_file_metadata(self.state_id, rank, self.tp_size, part))
+                          lambda part: rank_file_metadata(PENDING_STATE_ID, rank, self.tp_size, part))
 
     def finish(self, writer: RankWriter) -> None:
         """Write the constants (after the parameters, as planned) and close the rank's last part."""
@@ -99,27 +103,58 @@ class StatePlan:
 
 
 def complete_state(
-    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], sources: dict[str, int],
+    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], source: list[dict],
 ) -> Manifest:
-    """Copy SRC's side files (config.json as the plan has it), then write the manifest (last: its presence
-    says the directory is whole). `written` holds each rank's RankWriter.result(), in rank order;
-    `sources` the size of each file the state was made from."""
+    """Copy SRC's side files (config.json as the plan has it), stamp every rank file with the state's id
+    (format/manifest.py: state_id_of), then write the manifest (last: its presence says the directory is
+    whole). `written` holds each rank's RankWriter.result(), in rank order; `source` is source_records()."""
     side_files = sorted(p.name for p in src.iterdir() if is_side_file(p))
     for name in side_files:
         if name != CONFIG_NAME:
             copy_file(src / name, directory / name)
     write_file(directory / CONFIG_NAME, [plan.config_json])
     manifest = Manifest(
-        plan.state_id, len(written), config.architecture, hashlib.sha256(plan.config_json).hexdigest(),
+        PENDING_STATE_ID, len(written), config.architecture, hashlib.sha256(plan.config_json).hexdigest(),
         DTYPE_NAMES[plan.dtype],
-        [{"name": name, "size": size} for name, size in sources.items()], side_files,
+        source, side_files,
         files={name: record for rank in written for name, record in rank["files"].items()},
         tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
         pattern=plan.pattern,
         quantization=None if plan.quantization is None else {"method": plan.quantization, "scales": QUANT_SCALES},
     )
+    manifest.state_id = state_id_of(manifest)
+    for name, record in manifest.files.items():
+        record["crc32"] = stamp_state_id(directory / name, manifest.state_id, record["crc32"], record["size"])
     write_manifest(directory, manifest)
     return manifest
+
+
+def source_records(state: ShardedState | None, sizes: dict[str, int]) -> list[dict]:
+    """The manifest's `source`: the checkpoint's files and sizes (`sizes`: those read). A state made from
+    a sharded state (a reshard, a `save` after loading one) keeps that state's `source`, so that the same
+    checkpoint at the same layout is the same state (the same id and bytes) whatever path made it."""
+    if state is not None and state.manifest is not None:
+        return state.manifest.source
+    return [{"name": name, "size": size} for name, size in sizes.items()]
+
+
+def stamp_state_id(path: Path, state_id: str, crc: int, size: int) -> int:
+    """Replace PENDING_STATE_ID in the metadata of a rank file written by StatePlan.writer (the first
+    entry of its header) with `state_id`, in place; return the file's crc32 after, from `crc` (of the
+    `size` bytes before) without reading the data: the headers have the same length, so the crc32s of the
+    whole files differ by their headers' difference carried across the data (io/crc32.py)."""
+    pending, stamped = (f'"state":"{i}"'.encode() for i in (PENDING_STATE_ID, state_id))
+    with failing_as("cannot write", path, WRITE_TODO), open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        old = f.read(min(length, size))
+        new = old.replace(pending, stamped, 1)
+        if len(old) != length or new == old:
+            raise RuntimeError(f"{path.name}: no pending state id in its header")
+        f.seek(8)
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+    return crc32_combine(zlib.crc32(old) ^ zlib.crc32(new), crc, size - 8 - length)
 
 
 def is_side_file(path: Path) -> bool:
