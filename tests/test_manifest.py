@@ -99,7 +99,7 @@ CASES = {
     "swapped rank files": (swap_rank_files, f"{R0} records rank='1', the manifest says rank=0"),
     "file of another state": (None, f"{R1} records state="),
     "tp_size 10**12": (edit_manifest(lambda d: d.update(tp_size=10**12)),
-                       "manifest field 'tp_size' is 1000000000000, not an integer in [1, 65536]"),
+                       "manifest field 'tp_size' is 1000000000000, not an integer in [1, 1024]"),
     "tp_size without its ranks": (edit_manifest(lambda d: d.update(tp_size=3)),
                                   "has parts [] for rank 2, not 0..n-1 (tp_size is 3)"),
     "file record with another rank": (

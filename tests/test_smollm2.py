@@ -19,6 +19,7 @@ from shardstate import LLM
 from shardstate.convert import convert
 from shardstate.demo import cache_dir
 from shardstate.errors import ShardstateError
+from shardstate.processes import process_tag
 from shardstate.smollm2 import CHECKPOINT_NAME, ensure_smollm2, find_gguf
 from shardstate.stops import Stopped
 from shardstate.tokenizer import Tokenizer
@@ -135,7 +136,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch, failure, raised
         ensure_smollm2(tmp_path)
     if raised is ShardstateError:
         assert str(info.value) == (
-            f"cannot write (No space left on device) in {tmp_path}/.{CHECKPOINT_NAME}.partial-{os.getpid()}: "
+            f"cannot write (No space left on device) in {tmp_path}/.{CHECKPOINT_NAME}.partial-{process_tag()}: "
             "free some disk space, or point SHARDSTATE_CACHE at another directory"
         )
     assert list(tmp_path.iterdir()) == []
@@ -173,9 +174,11 @@ def test_stale_partial_of_a_dead_process_is_removed(tmp_path, monkeypatch):
     if dead == 0:
         os._exit(0)
     os.waitpid(dead, 0)
-    stale = tmp_path / f".{CHECKPOINT_NAME}.partial-{dead}"
-    live = tmp_path / f".{CHECKPOINT_NAME}.partial-{os.getppid()}"  # a live process's: left alone
-    for d in (stale, live):
+    stale = tmp_path / f".{CHECKPOINT_NAME}.partial-{dead}-1"
+    live = tmp_path / f".{CHECKPOINT_NAME}.partial-{process_tag(os.getppid())}"  # a live process's: left alone
+    # the parent's PID, but another start time: the PID was reused, the process that wrote it is gone
+    reused = tmp_path / f".{CHECKPOINT_NAME}.partial-{os.getppid()}-1"
+    for d in (stale, live, reused):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x")
 

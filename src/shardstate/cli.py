@@ -20,6 +20,7 @@ from shardstate.loaders import LOAD_FORMATS
 from shardstate.models import OpenedModel
 from shardstate.quant.methods import METHODS
 from shardstate.runtime.llm import IO_THREADS_RANGE, TIMEOUT_RANGE_S
+from shardstate.spec import MAX_TP
 from shardstate.stops import Stopped, raising_stops
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ class _AppendPrompt(argparse.Action):
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
 MAX_SIZE = 1 << 50  # 1 PiB: far above any part file; a larger size is a typo
-MAX_TP = 1024  # far above any real TP group; a larger --tp is a typo
 MAX_NEW_TOKENS = 1 << 20  # prompt + new tokens must also fit the model's max_position_embeddings
 
 
@@ -78,7 +78,8 @@ def location(text: str) -> str | Path:
 
 
 def add_cache_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+    # as written, not a Path: Path("") is "." and would cache in the working directory (refused instead)
+    parser.add_argument("--cache-dir", type=str, default=None, metavar="DIR",
                         help="s3:// models: this node's cache of fetched files (default $SHARDSTATE_CACHE_DIR or "
                              "~/.cache/shardstate/remote)")
 
@@ -126,27 +127,30 @@ def run_upload(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from shardstate.state_info import inspect_state
-    from shardstate.store.model_dir import local_state
+    from shardstate.state_info import inspect_location
 
-    info = inspect_state(local_state(args.dir, args.cache_dir, every_rank=False))
+    info = inspect_location(args.dir, args.cache_dir)
     if args.json:
         print(json.dumps(info))
-        return
-    quantized = f" ({info['quantization']['method']} linear weights)" if info["quantization"] else ""
-    print(f"{args.dir}: {info['format']}, {info['architecture']}, {info['dtype']}{quantized}, TP={info['tp_size']} "
-          f"PP={info['pp_size']}, {info['total_bytes'] / 1e6:.1f} MB")
-    for rank in info["ranks"]:
-        print(f"  rank {rank['rank']}: {rank['tensors']} tensors, {rank['bytes'] / 1e6:.1f} MB")
-        for file in rank["files"]:
-            print(f"    {file['name']}  {file['size']} bytes")
+    else:
+        quantized = f" ({info['quantization']['method']} linear weights)" if info["quantization"] else ""
+        print(f"{args.dir}: {info['format']}, {info['architecture']}, {info['dtype']}{quantized}, "
+              f"TP={info['tp_size']} PP={info['pp_size']}, {info['total_bytes'] / 1e6:.1f} MB")
+        for rank in info["ranks"]:
+            print(f"  rank {rank['rank']}: {rank['tensors']} tensors, {rank['bytes'] / 1e6:.1f} MB")
+            for file in rank["files"]:
+                flag = f"  BAD: {file['problem']}" if file["problem"] else ""
+                print(f"    {file['name']}  {file['size']} bytes{flag}")
+    bad = [f["name"] for r in info["ranks"] for f in r["files"] if f["problem"]]
+    if bad:
+        raise ShardstateError(f"{len(bad)} rank file(s) would be refused by a load ({', '.join(bad)})", args.dir,
+                              "run `shardstate verify` and re-create the sharded state")
 
 
 def run_verify(args: argparse.Namespace) -> None:
-    from shardstate.state_info import verify_state
-    from shardstate.store.model_dir import local_state
+    from shardstate.state_info import verify_location
 
-    checks = verify_state(local_state(args.dir, args.cache_dir, every_rank=True))
+    checks = verify_location(args.dir, args.cache_dir)
     bad = [c for c in checks if not c.ok]
     if args.json:
         print(json.dumps({"ok": not bad, "files": [c.to_json() for c in checks]}))

@@ -13,6 +13,7 @@ import torch
 
 from shardstate.dtypes import DTYPE_ALIASES
 from shardstate.errors import ShardstateError, brief
+from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import read_regular
 
 VOCAB_PADDING = 64  # vLLM pads the vocabulary to a multiple of 64 before splitting it across ranks
@@ -132,7 +133,7 @@ def read_config_json(model_dir: str | Path) -> tuple[dict, bytes, Path]:
     except OSError as exc:
         raise ShardstateError(f"cannot read config.json ({exc.strerror})", path, "check permissions") from None
     try:
-        cfg = json.loads(raw)
+        cfg = loads_strict(raw)
     except ValueError as exc:
         raise ShardstateError(f"config.json is not valid JSON ({exc})", path, "repair the file") from None
     if not isinstance(cfg, dict):
@@ -162,9 +163,9 @@ class ConfigReader:
         value = self.cfg.get(key)
         return self.defaults.get(key, default) if value is None else value
 
-    def integer(self, key: str, most: int, default: int | None = None, least: int = 1) -> int:
+    def integer(self, key: str, most: int, default: int | None = None, least: int = 1, bound: str | None = None) -> int:
         """config[key] (the family's default, else `default`, when absent or null): an integer from
-        `least` to `most`."""
+        `least` to `most`; `bound` names what `most` is when it is another key's value, not a limit of ours."""
         value = self._get(key, default)
         if value is None:
             raise self.refuse(f"'{key}' is missing")
@@ -172,7 +173,8 @@ class ConfigReader:
             kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
             raise self.refuse(f"'{key}' is {brief(value)}, not {kind}")
         if value > most:
-            raise self.refuse(f"'{key}' is {brief(value)}, above shardstate's limit of {most}")
+            limit = f"{bound}={most}" if bound else f"shardstate's limit of {most}"
+            raise self.refuse(f"'{key}' is {brief(value)}, above {limit}")
         return value
 
     def positive(self, key: str, value: object) -> float:
@@ -266,7 +268,6 @@ class ConfigReader:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in eos_ids):
             raise self.refuse(f"'eos_token_id' is {brief(eos)}, not a token id or a list of them in [0, {vocab})")
-        dtype_name = self.cfg.get("dtype") or self.cfg.get("torch_dtype")
         max_positions = self.integer("max_position_embeddings", MAX_POSITIONS, default=DEFAULT_MAX_POSITIONS)
         return dict(
             path=self.path,
@@ -282,18 +283,31 @@ class ConfigReader:
             rms_norm_eps=self.number("rms_norm_eps", 1e-6),
             rope=self.rope(max_positions),
             tie_word_embeddings=self.flag("tie_word_embeddings", False),
-            dtype=DTYPE_ALIASES.get(dtype_name) if isinstance(dtype_name, str) else None,
+            dtype=self.dtype(),
             eos_token_ids=eos_ids,
             fingerprint=hashlib.sha256(self.raw).hexdigest(),
         )
+
+    def dtype(self) -> torch.dtype | None:
+        """config.json's `dtype` (`torch_dtype` before transformers 5), or None when it names none; one it
+        names that shardstate cannot run is refused, not ignored."""
+        for key in ("dtype", "torch_dtype"):
+            name = self.cfg.get(key)
+            if name is None:
+                continue
+            if not isinstance(name, str) or name.lower() not in DTYPE_ALIASES:
+                raise self.refuse(f"'{key}' is {brief(name)}, not float32, float16 or bfloat16",
+                                  "set it to the weights' dtype, or remove it")
+            return DTYPE_ALIASES[name.lower()]
+        return None
 
     def moe(self, experts_key: str, intermediate_key: str, shared_key: str | None = None) -> MoE:
         """A mixture-of-experts config; layers listed in mlp_only_layers, or off the decoder_sparse_step
         rhythm, keep a plain MLP (transformers' Qwen MoE rule)."""
         experts = self.integer(experts_key, MAX_EXPERTS)
-        top_k = self.integer("num_experts_per_tok", experts)
+        top_k = self.integer("num_experts_per_tok", experts, bound=experts_key)
         layers = self.integer("num_hidden_layers", MAX_LAYERS)
-        step = self.integer("decoder_sparse_step", layers, default=1)
+        step = self.integer("decoder_sparse_step", layers, default=1, bound="num_hidden_layers")
         only_mlp = self._get("mlp_only_layers", [])
         if not isinstance(only_mlp, list) or not all(
                 isinstance(n, int) and not isinstance(n, bool) and 0 <= n < layers for n in only_mlp):

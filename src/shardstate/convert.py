@@ -7,6 +7,7 @@ memory holds one parameter's sources at a time."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import time
@@ -25,7 +26,7 @@ from shardstate.quant.methods import method_named
 from shardstate.sources import CheckpointSource, QuantizingSource, ShardedSource, TensorSource
 from shardstate.store.model_dir import fetch_every_rank
 from shardstate.store.output import staged_output
-from shardstate.store.remote import default_cache_root
+from shardstate.store.remote import node_cache_root
 from shardstate.store.upload import empty_prefix, upload_state
 from shardstate.store.writer import StatePlan, complete_state, source_records
 
@@ -48,7 +49,7 @@ def convert(
     show_progress: bool | None = None,
     quantize: str | None = None,
     for_vllm: bool = False,
-    cache_dir: Path | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
     """`show_progress` None: a progress line on stderr when it is a terminal. `quantize`: write the linear
     weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized. `for_vllm`: a
@@ -60,8 +61,7 @@ def convert(
             raise ShardstateError("--force does not replace objects in object storage", None,
                                   "convert to a new prefix")
         empty_prefix(str(out))  # before the work, not after
-        cache = cache_dir or default_cache_root()
-        cache.mkdir(parents=True, exist_ok=True)
+        cache = node_cache_root(cache_dir)
         staging = cache / f".shardstate-convert-{secrets.token_hex(8)}"
         janitor = Janitor(directory=staging)  # removes it if this process is killed: started before it exists
         try:

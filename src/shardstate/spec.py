@@ -256,7 +256,7 @@ MAX_PARTS = 64  # a fused parameter joins a handful of tensors (q, k, v; gate, u
 MAX_EXPERTS = 1 << 12
 MAX_DIMS = 8
 MAX_DIM_SIZE = 1 << 40
-MAX_TP = 1 << 16
+MAX_TP = 1024  # the one bound on a TP size (CLI, manifest, spec): far above any real TP group
 SPEC_VERSION = 2  # the manifest's form of a spec; version 1 manifests hold the kind-tagged form (spec_from_json)
 
 

@@ -9,28 +9,67 @@ from pathlib import Path
 
 from shardstate.errors import ShardstateError
 from shardstate.format.manifest import FORMAT_NAME, Manifest
-from shardstate.format.safetensors_header import read_header
-from shardstate.format.sharded_state import check_inside, check_rank_file, check_specs, open_sharded_state
+from shardstate.format.safetensors_header import SafetensorsHeader, read_header
+from shardstate.format.sharded_state import (
+    ShardedState,
+    check_inside,
+    check_rank_file,
+    check_specs,
+    open_sharded_state,
+)
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.files import open_regular
+from shardstate.io.reader import ReadAccount
+from shardstate.io.s3 import is_s3
+from shardstate.io.storage import RemoteFiles
 from shardstate.models import open_model
-from shardstate.store.model_dir import open_model_dir
+from shardstate.store.model_dir import fetch_every_rank, open_model_dir
+from shardstate.store.remote import rank_objects
 
 CHUNK = 16 << 20
 
 
-def inspect_state(root: Path) -> dict:
-    manifest = open_sharded_state(root).manifest
+def checked_state(root: Path) -> ShardedState:
+    """The state at `root` with its manifest refused where a load would refuse it: schema, config.json's
+    sha256, the model's tensors and layouts at the saved TP size. `inspect` and `verify` both start here,
+    so neither prints what a load refuses."""
+    state = open_sharded_state(root)
+    model = open_model(open_model_dir(root))
+    check_specs(state.manifest, model.specs(state.tp_size), state.manifest_path)
+    return state
+
+
+def inspect_location(location: str | Path, cache_dir: str | os.PathLike[str] | None = None) -> dict:
+    """`inspect_state` of a local directory, or of an s3:// state: its manifest and side files fetched
+    into the node cache, the rank files' headers read in place (ranged GETs), nothing else fetched."""
+    if not is_s3(location):
+        return inspect_state(Path(location))
+    directory = open_model_dir(location, cache_dir)
+    manifest = directory.state.manifest if directory.state is not None else None
+    remote = rank_objects(directory.remote, manifest) if manifest is not None else None
+    with directory.errors_named():
+        return inspect_state(directory.path, remote)
+
+
+def inspect_state(root: Path, remote: RemoteFiles | None = None) -> dict:
+    """What the state holds, each rank file's own record and header checked (`problem`; `ok` false if any
+    has one): what a load refuses before reading a weight, inspect flags. Data is not read (`verify`).
+    With `remote`, the rank files are the objects it holds."""
+    manifest = checked_state(root).manifest
     ranks = []
-    for rank in range(manifest.tp_size):
-        names = manifest.rank_files(rank)
-        ranks.append({
-            "rank": rank,
-            "files": [{"name": n, "size": manifest.files[n]["size"]} for n in names],
-            "tensors": len(manifest.tensors[str(rank)]),
-            "bytes": sum(manifest.files[n]["size"] for n in names),
-        })
+    with ReadAccount(remote) as account:
+        for rank in range(manifest.tp_size):
+            names = manifest.rank_files(rank)
+            files = [{"name": n, "size": manifest.files[n]["size"],
+                      "problem": _record_problem(root, n, manifest, account)[0]} for n in names]
+            ranks.append({
+                "rank": rank,
+                "files": files,
+                "tensors": len(manifest.tensors[str(rank)]),
+                "bytes": sum(manifest.files[n]["size"] for n in names),
+            })
     return {
+        "ok": not any(f["problem"] for r in ranks for f in r["files"]),
         "format": f"{FORMAT_NAME} v{manifest.version}",
         "tp_size": manifest.tp_size,
         "pp_size": manifest.pp_size,
@@ -54,17 +93,31 @@ class FileCheck:
         return asdict(self)
 
 
-def _check_file(root: Path, name: str, manifest: Manifest) -> str | None:
-    """The first thing wrong with one file, or None."""
+def _record_problem(
+    root: Path, name: str, manifest: Manifest, account: ReadAccount | None = None
+) -> tuple[str | None, SafetensorsHeader | None]:
+    """What is wrong with one file's place, header and own record (state, rank, part, tensors), or its
+    header when nothing is. Through `account`: an object where it says so."""
     path = root / name
-    if not path.exists():
-        return "missing"
+    remote = account is not None and account.remote is not None and account.remote.holds(path)
+    if not remote and not path.exists():
+        return "missing", None
     try:
-        check_inside(path, root)
-        header = read_header(path)
+        if not remote:
+            check_inside(path, root)
+        header = read_header(path, account.reader(path) if account is not None else None)
         check_rank_file(manifest, path, header)
     except ShardstateError as exc:
-        return exc.what
+        return exc.what, None
+    return None, header
+
+
+def _check_file(root: Path, name: str, manifest: Manifest) -> str | None:
+    """The first thing wrong with one file, or None."""
+    problem, header = _record_problem(root, name, manifest)
+    if header is None:
+        return problem
+    path = root / name
     records = manifest.tensors[str(manifest.files[name]["rank"])]
     digests = StreamingDigests({path: [Expected(t, e.begin, e.end, records[t]["xxh3_64"])
                                        for t, e in header.tensors.items()]})
@@ -83,12 +136,21 @@ def _check_file(root: Path, name: str, manifest: Manifest) -> str | None:
     return None
 
 
+def verify_location(location: str | Path, cache_dir: str | os.PathLike[str] | None = None) -> list[FileCheck]:
+    """`verify_state` of a local directory, or of an s3:// state with every rank's files fetched into the
+    node cache (each checked on the way) and then verified there."""
+    if not is_s3(location):
+        return verify_state(Path(location))
+    directory = open_model_dir(location, cache_dir)
+    fetch_every_rank(directory)
+    with directory.errors_named():
+        return verify_state(directory.path)
+
+
 def verify_state(root: Path) -> list[FileCheck]:
     """Refuse what load would refuse in the manifest (schema, config.json, the model's layout at the saved
     TP size), then check every file (its own record, size, header, tensors, checksum) and report each,
     not just the first."""
-    state = open_sharded_state(root)
-    model = open_model(open_model_dir(root))
-    check_specs(state.manifest, model.specs(state.tp_size), state.manifest_path)
+    state = checked_state(root)
     return [FileCheck(name, (problem := _check_file(root, name, state.manifest)) is None, problem)
             for name in sorted(state.manifest.files)]

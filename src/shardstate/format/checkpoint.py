@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardstate.errors import ShardstateError
 from shardstate.format.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import read_regular
 from shardstate.io.reader import ReadAccount
 from shardstate.io.storage import RemoteFiles
@@ -39,9 +39,11 @@ def find_weight_files(root: Path, remote: RemoteFiles | None = None) -> list[Pat
     index_path = root / INDEX_NAME
     if index_path.exists():
         try:
-            weight_map = json.loads(read_regular(index_path))["weight_map"]
+            weight_map = loads_strict(read_regular(index_path))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except ValueError as exc:
+            raise ShardstateError(f"invalid index ({exc})", index_path, "re-create the checkpoint index") from None
+        except (KeyError, TypeError, AttributeError):
             raise ShardstateError(
                 "invalid index (no weight_map object)", index_path, "re-create the checkpoint index"
             ) from None

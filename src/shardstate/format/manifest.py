@@ -22,7 +22,7 @@ from shardstate.errors import ShardstateError, brief
 from shardstate.format.safetensors_header import DTYPES
 from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import read_regular
-from shardstate.spec import ShardSpec, spec_from_json
+from shardstate.spec import MAX_TP, ShardSpec, spec_from_json
 
 MANIFEST_NAME = "shardstate.json"
 FORMAT_NAME = "shardstate"
@@ -37,7 +37,6 @@ QUANT_WEIGHT_DTYPES = {"int8": "I8", "fp8": "F8_E4M3"}  # quantization method ->
 QUANT_SCALES = "per-output-channel"  # F32 `<weight>_scale` [..., N, 1] over each whole row
 
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_TP = 1 << 16
 MAX_PARTS_PER_RANK = 1 << 16
 MAX_FILE_BYTES = 1 << 50
 MAX_LIST = 1 << 16  # source files, side files

@@ -10,6 +10,7 @@ what fetched files are checked against."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import zlib
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardstate.errors import ShardstateError, failing_as
+from shardstate.errors import ShardstateError, brief, failing_as
 from shardstate.io.crc32 import crc32_combine
 from shardstate.io.storage import ObjectInfo
 
@@ -29,6 +30,7 @@ DEFAULT_RANGES = 8  # parallel GETs per file
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
 ATTEMPTS = 4  # botocore's retries, with its exponential backoff
+SMALL_OBJECT_LIMIT = 64 << 20  # an object read whole into memory (config, tokenizer, index, side files)
 CACHE_TODO = "free space in the cache directory (--cache-dir), or choose another"
 
 
@@ -43,11 +45,15 @@ class S3Location:
 
     @classmethod
     def parse(cls, location: str) -> S3Location:
-        bucket, _, prefix = location.removeprefix(SCHEME).partition("/")
-        if not is_s3(location) or not bucket or "//" in prefix:
-            raise ShardstateError(f"{location!r} is not an s3://bucket/prefix location", None,
+        """Refused before any request unless it names one bucket and one prefix exactly: a server (or boto3)
+        would fold `//` and dot segments into another key than the one written, and a control character
+        would split the error line."""
+        problem = _location_problem(location)
+        if problem:
+            raise ShardstateError(f"{brief(location, 200)} is not an s3://bucket/prefix location ({problem})", None,
                                   "write it as s3://bucket/prefix")
-        return cls(bucket, prefix.strip("/"))
+        bucket, _, prefix = location.removeprefix(SCHEME).partition("/")
+        return cls(bucket, prefix.removesuffix("/"))
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -55,6 +61,29 @@ class S3Location:
     def url(self, name: str | None = None) -> str:
         base = f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
         return base if name is None else f"{base}/{name}"
+
+
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules for bucket names
+IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
+MAX_PREFIX_BYTES = 900  # S3 keys are at most 1024 bytes: room for the file names below the prefix
+
+
+def _location_problem(location: str) -> str | None:
+    """Why `location` is not a plain s3://bucket/prefix, or None."""
+    if not is_s3(location):
+        return "it does not start with s3://"
+    if any(ord(c) < 32 or ord(c) == 127 for c in location):
+        return "a control character"
+    bucket, _, prefix = location.removeprefix(SCHEME).partition("/")
+    if not BUCKET_NAME.fullmatch(bucket) or ".." in bucket or IP_ADDRESS.fullmatch(bucket):
+        return f"{brief(bucket)} is not a valid bucket name"
+    if "//" in location.removeprefix(SCHEME):
+        return "an empty path segment '//'"
+    if any(segment in (".", "..") for segment in prefix.split("/")):
+        return "a '.' or '..' segment"
+    if len(prefix.encode()) > MAX_PREFIX_BYTES:
+        return f"a prefix of {len(prefix.encode())} bytes, over {MAX_PREFIX_BYTES}"
+    return None
 
 
 def _client() -> Any:
@@ -68,7 +97,7 @@ def _client() -> Any:
         connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
         retries={"max_attempts": ATTEMPTS, "mode": "standard"},
         request_checksum_calculation="when_required", response_checksum_validation="when_required",
-        max_pool_connections=32,
+        max_pool_connections=64,  # `upload --parallel` goes to 64
     )
     try:
         return boto3.session.Session().client("s3", config=config)
@@ -114,9 +143,13 @@ def write_all(fd: int, data: memoryview, offset: int) -> None:
 class S3Store:
     """One location's objects. Thread-safe (botocore clients are)."""
 
-    def __init__(self, location: S3Location):
+    def __init__(self, location: S3Location, client: Any = None):
         self.location = location
-        self.client = _client()
+        self.client = client or _client()
+
+    def at(self, prefix: str) -> S3Store:
+        """Another prefix of the same bucket, through this store's client."""
+        return S3Store(S3Location(self.location.bucket, prefix), self.client)
 
     def call(self, url: str, operation: Callable[[], Any]) -> Any:
         try:
@@ -129,11 +162,39 @@ class S3Store:
         head = self.call(self.location.url(name), lambda: self.client.head_object(Bucket=self.location.bucket, Key=key))
         return ObjectInfo(int(head["ContentLength"]), head.get("ETag", ""))
 
-    def read_bytes(self, name: str) -> bytes:
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        url, key = self.location.url(name), self.location.key(name)
+        try:
+            self.client.head_object(Bucket=self.location.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise _failure(exc, url) from None
+        except Exception as exc:
+            raise _failure(exc, url) from None
+        return True
+
+    def metadata(self, name: str) -> dict[str, str]:
+        """The object's user metadata (x-amz-meta-*), keys in lower case."""
         key = self.location.key(name)
-        body = self.call(self.location.url(name),
-                         lambda: self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"])
-        return self.call(self.location.url(name), body.read)
+        head = self.call(self.location.url(name), lambda: self.client.head_object(Bucket=self.location.bucket, Key=key))
+        return head.get("Metadata", {})
+
+    def read_bytes(self, name: str, limit: int = SMALL_OBJECT_LIMIT) -> bytes:
+        """A small object whole (a manifest, a config or tokenizer file), refused past `limit` bytes: read
+        into memory, its size must be bounded whatever the listing said (the object may since have grown)."""
+        url, key = self.location.url(name), self.location.key(name)
+        body = self.call(url, lambda: self.client.get_object(Bucket=self.location.bucket, Key=key)["Body"])
+        try:
+            data = self.call(url, lambda: body.read(limit + 1))
+        finally:
+            body.close()
+        if len(data) > limit:
+            raise ShardstateError(f"{url} is over {limit >> 20} MiB, the limit for a file read whole", None,
+                                  "only a manifest, config and tokenizer files are read whole: keep them below it")
+        return data
 
     def objects(self) -> dict[str, ObjectInfo]:
         """Every object under the prefix, by its name relative to it."""
@@ -202,15 +263,57 @@ class S3Store:
             crc = crc32_combine(crc, part, min(RANGE_BYTES, size - start))
         return crc
 
-    def upload(self, path: Path, name: str, parallel: int = DEFAULT_RANGES) -> None:
-        """A local file as one object (multipart, `parallel` parts at a time, past 64 MiB)."""
-        from boto3.s3.transfer import TransferConfig
+    def put(self, name: str, data: bytes, metadata: dict[str, str], if_absent: bool = False) -> None:
+        """One whole object; with `if_absent`, refused (If-None-Match) where the name is already taken, so
+        that of two writers starting at once only one goes on."""
+        from botocore.exceptions import ClientError
 
-        config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20,
-                                max_concurrency=parallel, use_threads=parallel > 1)
+        url, key = self.location.url(name), self.location.key(name)
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data, Metadata=metadata, **condition)
+        except ClientError as exc:
+            if if_absent and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                raise ShardstateError(f"{url} appeared while this upload began (another upload to the same place?)",
+                                      None, "let that one finish, or upload to another prefix") from None
+            raise _failure(exc, url) from None
+        except Exception as exc:
+            raise _failure(exc, url) from None
+
+    def delete(self, name: str) -> None:
         key = self.location.key(name)
-        self.call(self.location.url(name),
-                  lambda: self.client.upload_file(str(path), self.location.bucket, key, Config=config))
+        self.call(self.location.url(name), lambda: self.client.delete_object(Bucket=self.location.bucket, Key=key))
+
+    def start_multipart(self, name: str, metadata: dict[str, str]) -> str:
+        """A new multipart upload of `name`: its upload id. The object appears only once it is completed."""
+        key = self.location.key(name)
+        return self.call(self.location.url(name), lambda: self.client.create_multipart_upload(
+            Bucket=self.location.bucket, Key=key, Metadata=metadata))["UploadId"]
+
+    def put_part(self, name: str, upload_id: str, number: int, data: bytes) -> str:
+        """Part `number` (from 1) of a multipart upload: its ETag, for completing."""
+        key = self.location.key(name)
+        return self.call(self.location.url(name), lambda: self.client.upload_part(
+            Bucket=self.location.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))["ETag"]
+
+    def complete_multipart(self, name: str, upload_id: str, etags: list[str]) -> None:
+        key = self.location.key(name)
+        parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
+        self.call(self.location.url(name), lambda: self.client.complete_multipart_upload(
+            Bucket=self.location.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+
+    def abort_multipart(self, name: str, upload_id: str) -> None:
+        key = self.location.key(name)
+        self.call(self.location.url(name), lambda: self.client.abort_multipart_upload(
+            Bucket=self.location.bucket, Key=key, UploadId=upload_id))
+
+    def multipart_uploads(self) -> list[tuple[str, str]]:
+        """The multipart uploads open under the prefix: (name relative to it, upload id)."""
+        prefix = self.location.key("")
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.location.bucket,
+                                                                            Prefix=prefix)
+        return [(item["Key"][len(prefix):], item["UploadId"])
+                for page in self.call(self.location.url(), lambda: list(pages)) for item in page.get("Uploads", [])]
 
 
 _stores: dict[tuple[str | None, ...], S3Store] = {}

@@ -3,6 +3,7 @@ the meta device is the single source of truth for parameter names, rank-local sh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +92,18 @@ def quantize_after_load(model: OpenedModel, quantize: str | None) -> str | None:
     return None if stored is not None or quantize is None else method_named(quantize).name
 
 
-def open_model(model: str | Path | ModelDir, dtype: str | None = None, cache_dir: Path | None = None) -> OpenedModel:
+def open_model(
+    model: str | Path | ModelDir, dtype: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> OpenedModel:
     """Open MODEL once: config.json (its family's parser), a sharded state's manifest, the dtype to run
     (`dtype`; else a sharded state's, config.json's or the weights'), a quantized state's method. An
     s3:// MODEL goes through the node cache under `cache_dir` (default: store/remote.py's)."""
     directory = model if isinstance(model, ModelDir) else open_model_dir(model, cache_dir)
+    with directory.errors_named():
+        return _opened(directory, dtype)
+
+
+def _opened(directory: ModelDir, dtype: str | None) -> OpenedModel:
     config = parse_config(directory.config, directory.config_bytes, directory.config_path)
     manifest = directory.state.manifest if directory.state is not None else None
     stored = manifest.quantization["method"] if manifest is not None and manifest.quantization else None

@@ -103,23 +103,23 @@ class LLM:
         check_run_options(tensor_parallel_size, io, io_threads, timeout)
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
-        cache = None if cache_dir is None else Path(cache_dir)
-        opened = model if isinstance(model, OpenedModel) else open_model(model, dtype, cache)
+        opened = model if isinstance(model, OpenedModel) else open_model(model, dtype, cache_dir)
         self._opened = opened
         self.quantize = quantize_after_load(opened, quantize)
         self.quantization = opened.quantization or self.quantize  # what the live weights are
         self.model_dir = opened.directory.path  # absolute: the workers' working directory is fixed when they start
         self.config = opened.config
-        self.config.check_tp_size(tensor_parallel_size)
-        load_format = resolve_load_format(load_format, opened.directory)
         self.tp_size = tensor_parallel_size
         self.prompts = PromptCodec(self.model_dir, self.config)
         self._model_dtype = opened.dtype
-        meta_model = opened.build_on_meta(TPGroup(0, tensor_parallel_size))
-        check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
         self.timeout = timeout
-        if load_format == "sharded":  # refuse a bad state before any worker starts
-            check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify)
+        with opened.directory.errors_named():  # refuse a bad model or state before any worker starts
+            self.config.check_tp_size(tensor_parallel_size)
+            load_format = resolve_load_format(load_format, opened.directory)
+            meta_model = opened.build_on_meta(TPGroup(0, tensor_parallel_size))
+            check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
+            if load_format == "sharded":
+                check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify)
         live = meta_model if self.quantize is None else build_on_meta(
             self.config, TPGroup(0, tensor_parallel_size), self._model_dtype, self.quantization)
         self._live_params = dict(live.named_parameters())  # what `save` writes (the same names on every rank)

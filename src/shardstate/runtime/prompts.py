@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ class PreparedPrompts:
 
 def prepare_prompts(
     model_dir: str | Path, dtype_name: str | None, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
-    tp_size: int, ranks_here: int, cache_dir: Path | None = None,
+    tp_size: int, ranks_here: int, cache_dir: str | os.PathLike[str] | None = None,
 ) -> PreparedPrompts:
     """Before anything is loaded: config.json read and the TP size checked, the prompts encoded, and the
     generation checked to fit the model's positions and (CPU) this host's memory. (An s3:// model's small

@@ -5,10 +5,13 @@ reads or checks the manifest twice."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardstate.config import read_config_json
+from shardstate.errors import naming
 from shardstate.format.sharded_state import ShardedState, is_sharded_state, open_sharded_state
 from shardstate.io.s3 import is_s3
 from shardstate.io.storage import RemoteFiles
@@ -29,6 +32,10 @@ class ModelDir:
         """What of the weight files is in object storage (a HF checkpoint in S3), for a ReadAccount."""
         return self.remote.remote_weights() if self.remote is not None else None
 
+    def errors_named(self) -> contextlib.AbstractContextManager[None]:
+        """Errors in the block name an s3:// model's location, not its copy in the node cache."""
+        return naming(self.path, self.remote.url) if self.remote is not None else contextlib.nullcontext()
+
     @property
     def kind(self) -> str:
         if self.state is None:
@@ -36,7 +43,7 @@ class ModelDir:
         return "sharded" if self.state.manifest is not None else "vllm"
 
 
-def open_model_dir(path: str | Path, cache_dir: Path | None = None) -> ModelDir:
+def open_model_dir(path: str | Path, cache_dir: str | os.PathLike[str] | None = None) -> ModelDir:
     """Read config.json and, for a sharded state, its manifest (refused if config.json is not the one its
     files were made for; a vLLM-written directory without one is accepted, strictly checked later). An
     `s3://bucket/prefix` location: a sharded state's manifest and side files are fetched into the
@@ -44,8 +51,9 @@ def open_model_dir(path: str | Path, cache_dir: Path | None = None) -> ModelDir:
     weight files are read in place by the loaders."""
     if is_s3(path):
         origin = fetch_metadata(str(path), cache_dir)
-        config, raw, config_path = read_config_json(origin.cache)
-        state = None if origin.weights else open_sharded_state(origin.cache, config_bytes=raw)
+        with naming(origin.cache, origin.url):
+            config, raw, config_path = read_config_json(origin.cache)
+            state = None if origin.weights else open_sharded_state(origin.cache, config_bytes=raw)
         return ModelDir(origin.cache, config, raw, config_path, state, origin)
     path = Path(path).absolute()
     config, raw, config_path = read_config_json(path)
@@ -59,14 +67,3 @@ def fetch_every_rank(directory: ModelDir) -> None:
     if directory.remote is not None and directory.state is not None and directory.state.manifest is not None:
         for rank in range(directory.state.tp_size):
             fetch_rank_files(directory.remote, directory.state.manifest, rank)
-
-
-def local_state(location: str | Path, cache_dir: Path | None, every_rank: bool) -> Path:
-    """Where a sharded state's files are read here: `location` itself, or an s3:// state's node cache
-    (its manifest and side files; every rank's files too with `every_rank`)."""
-    if not is_s3(location):
-        return Path(location)
-    directory = open_model_dir(location, cache_dir)
-    if every_rank:
-        fetch_every_rank(directory)
-    return directory.path

@@ -35,26 +35,47 @@ from shardstate.io.crc32 import crc32_combine
 from shardstate.io.engine import Span, read_spans
 from shardstate.io.files import open_regular
 from shardstate.io.reader import ReadAccount
-from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, S3Location, S3Store, store_for, write_all
+from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, SMALL_OBJECT_LIMIT, S3Location, S3Store, store_for, write_all
 from shardstate.io.storage import FetchReport, ObjectInfo, RemoteFiles
-from shardstate.processes import alive
+from shardstate.processes import process_tag, tag_alive
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
 CACHE_MARKER = ".shardstate-cache"
-SMALL_FILE_LIMIT = 64 << 20  # a HF checkpoint's files fetched into the cache (config, tokenizer...) are below
 CHUNK = 16 << 20
-# Temporaries are named `.NAME.fetch-HOST-PID-RANDOM`: a cache may be shared by hosts (NFS), and only this
-# host can tell whether one of its processes is gone.
+# Temporaries are named `.NAME.fetch-HOST-PID-STARTTIME-RANDOM`: a cache may be shared by hosts (NFS), and
+# only this host can tell whether one of its processes is gone (processes.py: PID and start time).
 HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.fetch-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.fetch-(?P<host>[0-9a-f]{8})-(?P<process>\d+-\d+)-[0-9a-f]{8}")
 
 
 RANGES_ENV = "SHARDSTATE_S3_RANGES"
 MAX_RANGES = 64
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shardstate" / "remote")
+def node_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The node cache's root, absolute and created: `cache_dir`, else $SHARDSTATE_CACHE_DIR, else
+    ~/.cache/shardstate/remote. Refused in one line before anything is written: an empty name (it would
+    cache in the working directory), a file, a dangling symlink, a path under a file. Dead runs'
+    temporaries in it are removed on the way."""
+    given, named = (cache_dir, "--cache-dir") if cache_dir is not None else (os.environ.get(CACHE_ENV), CACHE_ENV)
+    if given is None:
+        given = Path.home() / ".cache" / "shardstate" / "remote"
+    todo = f"set {named} to a directory (shardstate makes it if it is missing)"
+    if os.fspath(given) == "":
+        raise ShardstateError(f"{named} is empty", None, todo)
+    root = Path(given).absolute()
+    for path in (root, *root.parents):
+        if path.is_symlink() and not path.exists():
+            raise ShardstateError(f"{named} leads through a dangling symlink", path, todo)
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == root else f"is under a file ({path})"
+                raise ShardstateError(f"{named} {what}, not a directory", root, todo)
+            break
+    with failing_as(f"cannot create the cache directory ({named})", root, todo):
+        root.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(root)
+    return root
 
 
 def ranges_in_flight() -> int:
@@ -92,7 +113,9 @@ def cache_directory(location: S3Location, cache_root: Path) -> Path:
     return cache_root / f"{location.bucket}-{digest}"
 
 
-def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None = None) -> RemoteOrigin:
+def fetch_metadata(
+    url: str, cache_dir: str | os.PathLike[str] | None = None, ranges: int | None = None
+) -> RemoteOrigin:
     """The small files of the model at `url` into this node's cache (each replaced whole). A sharded state
     (a manifest at `url`): the manifest is read before its side files and written last, so the cache
     directory holds a manifest only with the side files it names. A Hugging Face checkpoint (config.json
@@ -100,7 +123,7 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None 
     read in place by the loaders (`RemoteOrigin.weights`)."""
     location = S3Location.parse(url)
     store = store_for(location)
-    directory = cache_directory(location, (cache_root or default_cache_root()).absolute())
+    directory = cache_directory(location, node_cache_root(cache_dir))
     with failing_as("cannot create the cache directory", directory, CACHE_TODO):
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.iterdir()):
@@ -114,7 +137,7 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None 
     if objects[MANIFEST_NAME].size > MAX_MANIFEST_BYTES:
         raise ShardstateError(f"{location.url(MANIFEST_NAME)} is {objects[MANIFEST_NAME].size} bytes, over the "
                               "manifest limit", None, "this is not a shardstate manifest")
-    manifest_bytes = store.read_bytes(MANIFEST_NAME)
+    manifest_bytes = store.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
     try:
         doc = loads_strict(manifest_bytes)
     except ValueError as exc:
@@ -123,7 +146,7 @@ def fetch_metadata(url: str, cache_root: Path | None = None, ranges: int | None 
     manifest = parse_manifest(doc, directory / MANIFEST_NAME)
     _remove_others(directory, manifest.names_written())  # e.g. a tokenizer file of what this location held before
     for name in manifest.side_files:
-        _replace(directory, name, store.read_bytes(name))
+        _replace(directory, name, store.read_bytes(name))  # bounded: side files are config and tokenizer files
     _replace(directory, MANIFEST_NAME, manifest_bytes)
     return RemoteOrigin(location.url(), directory, ranges or ranges_in_flight())
 
@@ -145,7 +168,7 @@ def _fetch_checkpoint_files(
                               "an upload that did not finish, or a vLLM-written state (whose files cannot be "
                               "checked): upload a directory that passes `shardstate verify`")
     small = {name for name, info in top.items()
-             if name not in weights and not name.endswith(PICKLE_SUFFIXES) and info.size <= SMALL_FILE_LIMIT}
+             if name not in weights and not name.endswith(PICKLE_SUFFIXES) and info.size <= SMALL_OBJECT_LIMIT}
     _remove_others(directory, small)  # e.g. a manifest or an index of what this location held before
     for name in sorted(small):
         _replace(directory, name, store.read_bytes(name))
@@ -187,7 +210,6 @@ def load_rank_files(
     images: dict[Path, torch.Tensor] = {}
     held: list[Path] = []
     for name in sizes:
-        _remove_dead_temporaries(origin.cache, name)
         if _size_of(origin.cache / name) == sizes[name]:
             held.append(origin.cache / name)
     for path in held:  # one allocation each: a damaged file's is freed, not kept beside the parameters
@@ -223,12 +245,18 @@ def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: 
     missing = {}
     for name in manifest.rank_files(rank):
         record = manifest.files[name]
-        _remove_dead_temporaries(origin.cache, name)
         if file_matches(origin.cache / name, record["size"], record["crc32"]):
             report.cached.append(name)
         else:
             missing[name] = record["size"]
     return _versions(origin, missing)
+
+
+def rank_objects(origin: RemoteOrigin, manifest: Manifest) -> RemoteFiles:
+    """Every rank file of the state as the object it is (each one's size checked against the manifest),
+    for what reads them in place (inspect's header reads)."""
+    sizes = {name: record["size"] for name, record in manifest.files.items()}
+    return RemoteFiles(origin.cache, origin.url, _versions(origin, sizes), origin.ranges)
 
 
 def _versions(origin: RemoteOrigin, sizes: dict[str, int]) -> dict[str, ObjectInfo]:
@@ -333,7 +361,7 @@ def file_matches(path: Path, size: int, crc32: int) -> bool:
 
 
 def temporary_name(name: str) -> str:
-    return f".{name}.fetch-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{name}.fetch-{HOST}-{process_tag()}-{secrets.token_hex(4)}"
 
 
 def _replace(directory: Path, name: str, data: bytes) -> None:
@@ -356,12 +384,17 @@ def _remove_others(directory: Path, keep: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _remove_dead_temporaries(directory: Path, name: str) -> None:
-    """Temporaries of `name` left by a fetch on this node whose process is gone (killed mid-download)."""
-    for path in directory.glob(f".{name}.fetch-{HOST}-*"):
-        match = TEMPORARY.fullmatch(path.name)
-        if match and not alive(int(match["pid"])):
-            path.unlink(missing_ok=True)
+def remove_dead_temporaries(cache_root: Path) -> None:
+    """Every temporary in the node cache (each location's directory under `cache_root`) left by a fetch on
+    this host whose process is gone: killed mid-download, it could not remove its own. Run by whatever
+    opens the node cache, so none outlives the next run."""
+    for directory in cache_root.iterdir() if cache_root.is_dir() else ():
+        if not (directory / CACHE_MARKER).is_file():
+            continue
+        for path in directory.glob(f".*.fetch-{HOST}-*"):
+            match = TEMPORARY.fullmatch(path.name)
+            if match and not tag_alive(match["process"]):
+                path.unlink(missing_ok=True)
 
 
 def remove_temporaries_of(directory: Path, pid: int) -> None:
