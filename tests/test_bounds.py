@@ -135,6 +135,8 @@ CONFIG_CASES = [  # (config.json changes, the start of the error after "error: "
     ({"eos_token_id": [2, 10**6]}, "'eos_token_id' is [2, 1000000], not a token id"),
     ({"tie_word_embeddings": "yes"}, "'tie_word_embeddings' is 'yes', not true or false"),
     ({"attention_bias": "false"}, "'attention_bias' is 'false', not true or false"),
+    ({"dtype": "float8_e4m3fn"}, "'dtype' is 'float8_e4m3fn', not float32, float16 or bfloat16"),  # not ignored
+    ({"dtype": None, "torch_dtype": 16}, "'torch_dtype' is 16, not float32"),
 ]
 
 

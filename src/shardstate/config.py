@@ -296,8 +296,7 @@ class ConfigReader:
             if name is None:
                 continue
             if not isinstance(name, str) or name.lower() not in DTYPE_ALIASES:
-                raise self.refuse(f"'{key}' is {brief(name)}, not float32, float16 or bfloat16",
-                                  "set it to the weights' dtype, or remove it")
+                raise self.refuse(f"'{key}' is {brief(name)}, not float32, float16 or bfloat16")
             return DTYPE_ALIASES[name.lower()]
         return None
 

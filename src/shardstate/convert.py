@@ -60,8 +60,8 @@ def convert(
         if force:
             raise ShardstateError("--force does not replace objects in object storage", None,
                                   "convert to a new prefix")
-        empty_prefix(str(out))  # before the work, not after
         cache = node_cache_root(cache_dir)
+        empty_prefix(str(out))  # before the work, not after
         staging = cache / f".shardstate-convert-{secrets.token_hex(8)}"
         janitor = Janitor(directory=staging)  # removes it if this process is killed: started before it exists
         try:
