@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_options(gen)
     gen.add_argument("--max-new-tokens", type=new_tokens, default=16)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    gen.add_argument("--logprobs", type=int_in(1, MAX_NEW_TOKENS), default=None, metavar="K",
+                     help="with --json: each new token's step also gives its K most likely tokens and their "
+                          "log-probabilities")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -302,7 +305,7 @@ def run_generate(args: argparse.Namespace) -> None:
     prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp,
                                args.cache_dir)
     with start_llm(prepared.model, args) as llm:  # MODEL opened once, prompts checked before any worker starts
-        outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos)
+        outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos, args.logprobs)
         print_generation(outputs, llm.load_reports, args.json)
 
 

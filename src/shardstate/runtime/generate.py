@@ -8,11 +8,21 @@ import torch
 
 from shardstate.models.decoder import DecoderForCausalLM, KVCache
 
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), most likely first
+
 
 @dataclass
 class Generation:
     token_ids: list[list[int]]  # new tokens per prompt
     first_logits: torch.Tensor  # [batch, vocab] fp32: the logits after the prompt (the first step)
+    logprobs: list[list[TopLogprobs]] | None = None  # per prompt, per new token: the step's top log-probabilities
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> list[TopLogprobs]:
+    """Each row's `k` most likely tokens with their log-probabilities (log-softmax in fp32 over the real
+    vocabulary), most likely first: the greedy choice and how far ahead of the runners-up it was."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
 
 def _attention_mask(valid: torch.Tensor, cache_pos: int, steps: int, window: int | None) -> torch.Tensor:
@@ -37,8 +47,10 @@ def greedy_generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...] = (),
+    logprobs: int | None = None,
 ) -> Generation:
-    """Argmax decoding. A sequence stops after emitting an id in `eos_token_ids` (kept in its output)."""
+    """Argmax decoding. A sequence stops after emitting an id in `eos_token_ids` (kept in its output).
+    With `logprobs` = k, each new token also gets its step's k most likely tokens (`top_logprobs`)."""
     device = model.lm_head.weight.device
     window = model.config.sliding_window
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -52,6 +64,7 @@ def greedy_generate(
     positions = (valid[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
     cache = KVCache.allocate(model, batch, total)
     outputs: list[list[int]] = [[] for _ in prompts]
+    steps: list[list[TopLogprobs]] | None = None if logprobs is None else [[] for _ in prompts]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     cache_pos, first_logits = 0, None
@@ -61,9 +74,12 @@ def greedy_generate(
             first_logits = logits.float().cpu()
         cache_pos += ids.shape[1]
         next_ids = logits.argmax(-1)
+        tops = None if steps is None else top_logprobs(logits, logprobs)
         for row in range(batch):
             if not finished[row]:
                 outputs[row].append(int(next_ids[row]))
+                if steps is not None:
+                    steps[row].append(tops[row])
         finished |= torch.isin(next_ids, eos)
         if bool(finished.all()):
             break
@@ -71,4 +87,4 @@ def greedy_generate(
         positions = positions[:, -1:] + 1
     if first_logits is None:  # max_new_tokens == 0: still report the prompt's logits
         first_logits = model(ids, positions, _attention_mask(valid, 0, longest, window), cache, 0).float().cpu()
-    return Generation(outputs, first_logits)
+    return Generation(outputs, first_logits, steps)

@@ -223,18 +223,24 @@ class LLM:
         prompts: Sequence[str | Sequence[int]],
         max_new_tokens: int = 16,
         ignore_eos: bool = False,
+        logprobs: int | None = None,
     ) -> list[Output]:
-        """Greedy continuation of each prompt (text, or token ids), as one batch."""
+        """Greedy continuation of each prompt (text, or token ids), as one batch. `logprobs` = k: each
+        output also has, per new token, its step's k most likely tokens and their log-probabilities."""
         if not _is_int(max_new_tokens) or max_new_tokens < 0:
             raise ShardstateError(f"max_new_tokens={max_new_tokens!r} is not 0 or a positive integer", None,
                                   "pass 0 or more")
+        if logprobs is not None and not (_is_int(logprobs) and logprobs >= 1):
+            raise ShardstateError(f"logprobs={logprobs!r} is not a positive integer", None,
+                                  "pass e.g. 5, or None for none")
         if not prompts:
             return []
         ids = self.prompts.encode(prompts)
         check_generation_fits(self.config, ids, max_new_tokens, self.tp_size, self._model_dtype,
                               ranks_here=self.tp_size)
         eos = () if ignore_eos else self.config.eos_token_ids
-        generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos)[0]
+        generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos,
+                                logprobs=logprobs)[0]
         return self.prompts.outputs(ids, generation)
 
     def save_sharded_state(

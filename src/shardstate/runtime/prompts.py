@@ -12,7 +12,7 @@ import torch
 from shardstate.config import ModelConfig
 from shardstate.errors import ShardstateError
 from shardstate.models import OpenedModel, check_generation_fits, open_model
-from shardstate.runtime.generate import Generation
+from shardstate.runtime.generate import Generation, TopLogprobs
 from shardstate.tokenizer import Tokenizer
 
 
@@ -22,9 +22,13 @@ class Output:
     token_ids: list[int]  # generated
     text: str | None  # decoded generated text when the model has a tokenizer.json
     logits: torch.Tensor  # fp32 [vocab]: next-token logits after the prompt
+    logprobs: list[TopLogprobs] | None = None  # generate(logprobs=k): per new token, its step's top k
 
     def to_json(self) -> dict:
-        return {"token_ids": self.token_ids, "text": self.text}
+        doc: dict = {"token_ids": self.token_ids, "text": self.text}
+        if self.logprobs is not None:
+            doc["logprobs"] = [[[token, value] for token, value in step] for step in self.logprobs]
+        return doc
 
 
 class PromptCodec:
@@ -57,7 +61,8 @@ class PromptCodec:
     def outputs(self, prompt_ids: list[list[int]], generation: Generation) -> list[Output]:
         has_text = (self.model_dir / "tokenizer.json").is_file()
         return [
-            Output(ids, new, self.tokenizer.decode(new) if has_text else None, generation.first_logits[row])
+            Output(ids, new, self.tokenizer.decode(new) if has_text else None, generation.first_logits[row],
+                   None if generation.logprobs is None else generation.logprobs[row])
             for row, (ids, new) in enumerate(zip(prompt_ids, generation.token_ids, strict=True))
         ]
 

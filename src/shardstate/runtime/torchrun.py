@@ -32,7 +32,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
         args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify)
         worker = Worker(args_for_worker, group, local_rank, args.timeout)
         eos = () if args.ignore_eos else config.eos_token_ids
-        generation = worker.generate(prompt_ids, args.max_new_tokens, eos)
+        generation = worker.generate(prompt_ids, args.max_new_tokens, eos, args.logprobs)
         reports = [worker.load_report]
         if world > 1:
             reports = [None] * world

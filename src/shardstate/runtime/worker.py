@@ -60,8 +60,9 @@ class Worker:
         if args.quantize is not None:
             quantize_linear_weights(self.model, method_named(args.quantize), group)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> Generation:
-        return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids)
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: tuple[int, ...],
+                 logprobs: int | None = None) -> Generation:
+        return greedy_generate(self.model, prompts, max_new_tokens, eos_token_ids, logprobs)
 
     def save(self, directory: str, pattern: str, max_part_bytes: int, config_json: bytes) -> dict:
         """Write this rank's live parameters (each distinct tensor once) as its part files; return what the
