@@ -105,8 +105,9 @@ def _record_problem(
     try:
         if not remote:
             check_inside(path, root)
-        header = read_header(path, account.reader(path) if account is not None else None)
-        check_rank_file(manifest, path, header)
+        reader = account.reader(path) if account is not None else None
+        header = read_header(path, reader)
+        check_rank_file(manifest, path, header, reader.size if reader is not None else None)
     except ShardstateError as exc:
         return exc.what, None
     return None, header

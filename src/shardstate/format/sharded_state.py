@@ -124,7 +124,7 @@ def warn_legacy(state: ShardedState) -> None:
     )
 
 
-def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader) -> None:
+def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader, size: int | None = None) -> None:
     """A listed rank file against the manifest: its own record of state, rank, TP size and part (its
     safetensors metadata), its size, and exactly the tensors, dtypes and shapes listed for it."""
     record = manifest.files[path.name]
@@ -148,7 +148,7 @@ def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader) -
     if lacking:
         raise ShardstateError(f"lacks tensor '{lacking[0]}' ({len(lacking)} missing)", path,
                               "re-create the sharded state")
-    size = path.stat().st_size
+    size = path.stat().st_size if size is None else size  # `size`: of an object, read in place
     if size != record["size"]:
         raise ShardstateError(f"size {size}, manifest says {record['size']}", path, "re-create the sharded state")
 
