@@ -40,22 +40,24 @@ def lifeline(context: BaseContext) -> tuple[Connection, Connection]:
 
 @contextlib.contextmanager
 def starting_worker() -> Iterator[None]:
-    """Start a worker with SIGINT ignored (a disposition it inherits, and that Python keeps at start-up),
-    so a terminal's Ctrl-C while it imports torch reaches only the driver; a Ctrl-C in the milliseconds
-    the start takes is lost. A SIGTERM or SIGHUP in those milliseconds is held until the start returns:
-    acted on inside `Process.start()`, it would cut the pipe the new process reads its start-up data
-    from, and that process would print a traceback. (Handlers belong to the main thread: from another,
-    the worker starts as it is and ignores SIGINT once `watch_driver` runs.)"""
+    """Start a worker with SIGINT blocked (a mask it inherits through fork and exec), so a terminal's
+    Ctrl-C while it imports torch stays pending in it until `watch_driver` discards it: Ctrl-C is for the
+    driver. In the driver, SIGINT, SIGTERM and SIGHUP that arrive during the start are held until it
+    returns, then acted on: acted on inside `Process.start()`, one would cut the pipe the new process reads
+    its start-up data from, and that process would print a traceback; ignored (SIG_IGN, as before), a
+    Ctrl-C in those milliseconds was lost. (Handlers belong to the main thread: from another, the worker
+    starts as it is and ignores SIGINT once `watch_driver` runs.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C pending meanwhile is held now
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if held:
@@ -71,5 +73,6 @@ def watch_driver(end: Connection) -> None:
             end.recv_bytes()
         os._exit(EXIT_DRIVER_GONE)
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the driver, which stops the workers;
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending since the start is discarded
     threading.Thread(target=watch, name="shardstate-lifeline", daemon=True).start()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the driver, which stops the workers
