@@ -92,6 +92,9 @@ def run(world, capsys, text: str | bytes) -> None:
         outcomes["load"] = 1
     if outcomes["load"]:
         assert outcomes["verify"] == 1, "load's checks refused what verify passed"
+        assert outcomes["inspect"] == 1, "load's checks refused what inspect printed as fine"
+    if outcomes["inspect"]:
+        assert outcomes["verify"] == 1, "inspect refused what verify passed"
     if outcomes["verify"] == 0:
         assert outcomes["load"] == 0
     assert time.monotonic() - start < SLOWEST_EXAMPLE_S
