@@ -122,8 +122,9 @@ def run_upload(args: argparse.Namespace) -> None:
     from shardstate.store.upload import upload_state
 
     report = upload_state(args.dir, args.url, args.parallel)
+    kept = f"; {len(report.kept)} already there from an unfinished upload, kept" if report.kept else ""
     print(f"uploaded {args.dir} -> {report.url}: {len(report.files)} files, {report.bytes_uploaded / 1e6:.1f} MB in "
-          f"{report.seconds:.2f}s (manifest last)")
+          f"{report.seconds:.2f}s (manifest last{kept})")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -245,10 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_cache_option(sub)
 
     upload = commands.add_parser("upload", help="a sharded state into S3-compatible storage, manifest last")
-    upload.add_argument("dir", type=Path)
-    upload.add_argument("url", metavar="s3://bucket/prefix")
+    upload.add_argument("dir", type=location, help="a sharded state's local directory")
+    upload.add_argument("url", metavar="s3://bucket/prefix", help="empty, or holding an unfinished upload of the "
+                                                                  "same state (resumed)")
     upload.add_argument("--parallel", type=int_in(1, 64), default=8, metavar="N",
-                        help="parts in flight per file (multipart past 64 MiB; default 8)")
+                        help="requests in flight: whole files, or parts of $SHARDSTATE_S3_PART_MIB (default 16) "
+                             "MiB (default 8)")
 
     bench = commands.add_parser("bench", help="load-time benchmark against peers (JSON, markdown, PNG)")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="where results.{json,md,png} go")

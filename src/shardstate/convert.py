@@ -27,7 +27,7 @@ from shardstate.sources import CheckpointSource, QuantizingSource, ShardedSource
 from shardstate.store.model_dir import fetch_every_rank
 from shardstate.store.output import staged_output
 from shardstate.store.remote import node_cache_root
-from shardstate.store.upload import empty_prefix, upload_state
+from shardstate.store.upload import check_destination, upload_state
 from shardstate.store.writer import StatePlan, complete_state, source_records
 
 
@@ -61,7 +61,7 @@ def convert(
             raise ShardstateError("--force does not replace objects in object storage", None,
                                   "convert to a new prefix")
         cache = node_cache_root(cache_dir)
-        empty_prefix(str(out))  # before the work, not after
+        check_destination(str(out))  # before the work, not after
         staging = cache / f".shardstate-convert-{secrets.token_hex(8)}"
         janitor = Janitor(directory=staging)  # removes it if this process is killed: started before it exists
         try:

@@ -30,6 +30,7 @@ class Stopped(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.outcome = CLEANED_UP  # what the stop left: whoever cleaned up on the way may say more exactly
 
     @property
     def exit_code(self) -> int:
@@ -37,12 +38,15 @@ class Stopped(BaseException):
 
     @property
     def line(self) -> str:
-        return stopped_line(self.signum)
+        return stopped_line(self.signum, self.outcome)
 
 
-def stopped_line(signum: int) -> str:
+CLEANED_UP = "workers stopped, temporaries removed"
+
+
+def stopped_line(signum: int, outcome: str = CLEANED_UP) -> str:
     """The one line a stopped command or program prints."""
-    return f"error: stopped by {signal.Signals(signum).name}; workers stopped, temporaries removed"
+    return f"error: stopped by {signal.Signals(signum).name}; {outcome}"
 
 
 def _raise_stopped(signum: int, frame: object) -> None:
