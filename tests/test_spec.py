@@ -160,3 +160,49 @@ def test_json_round_trip_and_version_1():
 def test_specs_it_cannot_express_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+def _qkv(tp: int) -> ShardSpec:
+    return spec.fused([("q", (24, 5), tp), ("k", (6, 5), min(tp, 2)), ("v", (6, 5), min(tp, 2))], tp)
+
+
+def _phi3_qkv(tp: int) -> ShardSpec:
+    rows, chunks = [(0, 16), (16, 8), (24, 8)], (tp, min(tp, 2), min(tp, 2))
+    return ShardSpec(tuple(Part("qkv", (32, 3), 0, c, box=(r, (0, 3))) for r, c in zip(rows, chunks, strict=True)), tp)
+
+
+RESHARD_LAYOUTS = {  # name -> the spec at a TP size: every kind of layout a model uses
+    "replicated": lambda tp: spec.replicated("n", (6,), tp),
+    "split-0": lambda tp: spec.split("w", (8, 6), 0, tp),
+    "split-1": lambda tp: spec.split("w", (6, 8), 1, tp),
+    "qkv, kv heads replicated": _qkv,
+    "vocab padded": lambda tp: spec.vocab("e", (203, 4), 256, tp),
+    "fused source (phi3)": _phi3_qkv,
+    "w13 experts": lambda tp: ShardSpec((Part("x.{e}.w1", (8, 5), 0, tp), Part("x.{e}.w3", (8, 5), 0, tp)), tp,
+                                        experts=3),
+    "w2 experts": lambda tp: ShardSpec((Part("x.{e}.w2", (5, 8), 1, tp),), tp, experts=3),
+    "dim-1 parts joined on dim 1": lambda tp: ShardSpec((Part("a", (3, 8), 1, tp), Part("b", (3, 8), 1, tp)), tp, 1),
+}
+
+
+@pytest.mark.parametrize("saved_tp,tp", [(1, 2), (2, 1), (4, 2), (2, 4), (1, 4), (4, 1), (8, 2), (2, 8), (4, 8)])
+@pytest.mark.parametrize("layout", RESHARD_LAYOUTS)
+def test_reshard_copies_rebuild_each_ranks_tensor_from_the_saved_ranks(layout, saved_tp, tp):
+    """Every rank's tensor at `tp`, filled only from the saved ranks' tensors at `saved_tp` by the transfers,
+    equals `take` from the whole sources (padding zero); each element comes from one saved rank."""
+    saved, target = RESHARD_LAYOUTS[layout](saved_tp), RESHARD_LAYOUTS[layout](tp)
+    sources = {name: torch.randn(shape) for name, shape in target.sources().items()}
+    saved_tensors = [saved.take(r, sources, torch.float32) for r in range(saved_tp)]
+    for rank in range(tp):
+        got = torch.zeros(target.local_shape())
+        filled = torch.zeros(target.local_shape(), dtype=torch.int32)
+        for t in spec.reshard_copies(target, rank, saved):
+            spec.cut(got, t.local).copy_(spec.cut(saved_tensors[t.saved_rank], t.saved))
+            spec.cut(filled, t.local).add_(1)
+        assert torch.equal(got, target.take(rank, sources, torch.float32)), rank
+        assert filled.max() <= 1
+
+
+def test_reshard_copies_refuse_another_parameter():
+    with pytest.raises(ValueError, match="other source tensors"):
+        spec.reshard_copies(spec.split("w", (8, 6), 0, 2), 0, spec.split("v", (8, 6), 0, 4))

@@ -215,6 +215,62 @@ class ShardSpec:
             cut(into[c.source], c.src).copy_(c.dest(local))
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """Region `saved` of saved rank `saved_rank`'s tensor fills region `local` of this rank's (same
+    lengths; each has the stacked dim where its spec is stacked)."""
+
+    saved_rank: int
+    saved: Box
+    local: Box
+
+
+def _overlap(a: Box, b: Box) -> Box | None:
+    box = []
+    for (sa, la), (sb, lb) in zip(a, b, strict=True):
+        start, end = max(sa, sb), min(sa + la, sb + lb)
+        if end <= start:
+            return None
+        box.append((start, end - start))
+    return tuple(box)
+
+
+def _moved(dst: Box, src: Box, region: Box) -> Box:
+    """Where `region` (inside source box `src`) lands, given that `src` lands at `dst` (a stacked `dst`
+    keeps its leading expert dim)."""
+    stack = len(dst) - len(src)
+    return dst[:stack] + tuple((d + r - s, length) for (d, _), (s, _), (r, length) in zip(dst[stack:], src, region,
+                                                                                          strict=True))
+
+
+def reshard_copies(spec: ShardSpec, rank: int, saved: ShardSpec) -> list[Transfer]:
+    """How `rank`'s tensor (cut by `spec`) is filled from the tensors of a state saved with `saved` (the same
+    parameter at another TP size): each of the rank's source boxes intersected with each saved rank's. A
+    source element several saved ranks hold (replicated) is read once, from the saved rank nearest this
+    one's position. ValueError when the saved ranks do not cover what the rank needs."""
+    if spec.experts != saved.experts or spec.sources() != saved.sources():
+        raise ValueError("saved from other source tensors")
+    wanted: dict[str, list[Copy]] = {}
+    for c in spec.copies(rank):
+        wanted.setdefault(c.source, []).append(c)
+    nearest = sorted(range(saved.tp_size), key=lambda r: (abs(r * spec.tp_size - rank * saved.tp_size), r))
+    taken: set[tuple[str, Box]] = set()
+    transfers = []
+    for saved_rank in nearest:
+        for theirs in saved.copies(saved_rank):
+            for mine in wanted.get(theirs.source, ()):
+                region = _overlap(mine.src, theirs.src)
+                if region is None or (theirs.source, region) in taken:
+                    continue
+                taken.add((theirs.source, region))
+                transfers.append(Transfer(saved_rank, _moved(theirs.dst, theirs.src, region),
+                                          _moved(mine.dst, mine.src, region)))
+    needed = sum(c.numel() for c in spec.copies(rank))
+    if sum(math.prod(length for _, length in t.local) for t in transfers) != needed:
+        raise ValueError("the saved ranks do not hold every element exactly once")
+    return transfers
+
+
 def replicated(source: str, shape: tuple[int, ...], tp_size: int) -> ShardSpec:
     return ShardSpec((Part(source, shape),), tp_size)
 
