@@ -73,9 +73,9 @@ class Arena:
         start = _align_down(offset, PAGE)
         try:
             self._map.madvise(MADV_POPULATE_WRITE, start, _align_up(offset + size, PAGE) - start)
-        except (OSError, ValueError):
-            for page in range(start, offset + size, PAGE):  # touch every page instead
-                self._map[page] = 0
+        except (OSError, ValueError):  # kernel < 5.14: touch the pages instead, but only at bytes of this range
+            for page in range(_align_up(offset, PAGE), offset + size, PAGE):  # (the page holding `offset` may
+                self._map[page] = 0  # start with bytes another chunk has already read, or is reading now)
 
     def view(self, offset: int, size: int) -> memoryview:
         return memoryview(self._map)[offset : offset + size]
