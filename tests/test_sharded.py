@@ -127,7 +127,11 @@ def edit_config(directory: Path) -> None:
 @pytest.mark.parametrize(
     "case,tp,damage,expected",
     [
-        ("tp mismatch", "1", None, "saved for TP=2, running TP=1"),
+        ("reshard, a saved rank's file missing", "1", lambda d: (d / "model-rank-1-part-0.safetensors").unlink(),
+         "file model-rank-1"),
+        ("reshard, a saved rank's file of another rank", "1", lambda d: shutil.copyfile(
+            d / "model-rank-0-part-0.safetensors", d / "model-rank-1-part-0.safetensors"),
+         "the file belongs to another state or rank"),
         ("missing rank file", "2", lambda d: (d / "model-rank-1-part-0.safetensors").unlink(), "file model-rank-1"),
         ("missing manifest", "2", lambda d: (d / "shardstate.json").unlink(), "no shardstate.json"),
         ("different config", "2", edit_config, "config.json differs"),

@@ -182,13 +182,16 @@ def index_rank(
     listed = state.manifest.tensors[str(rank)] if state.manifest else None
     found: dict[str, TensorLocation] = {}
     for path in state.rank_paths(rank):
-        if not path.exists():
+        remote = account.remote is not None and account.remote.holds(path)  # an object, read in place
+        if not remote and not path.exists():
             raise ShardstateError(f"rank {rank} file {path.name} is missing", state.root, "convert again")
-        check_inside(path, state.root)
-        header = read_header(path)
+        if not remote:
+            check_inside(path, state.root)
+        reader = account.reader(path) if remote else None
+        header = read_header(path, reader)
         account.note_header(path, header.data_start)
         if state.manifest is not None:
-            check_rank_file(state.manifest, path, header)
+            check_rank_file(state.manifest, path, header, reader.size if reader is not None else None)
         for saved_name, entry in header.tensors.items():
             listed_constant = listed is not None and is_constant(listed[saved_name]["spec"])
             constant = listed_constant if listed is not None else saved_name.endswith(VLLM_SCALES)

@@ -47,6 +47,7 @@ class ReadAccount:
         self.files: list[str] = []  # every file opened, in order
         self.bytes_read = 0
         self.bytes_mapped = 0  # --io mmap: mapped now, read by the kernel when first touched
+        self.unverified = 0  # --verify: tensors no digest could be checked for (read only in part)
 
     def use_remote(self, remote: RemoteFiles) -> None:
         """From now on the files `remote` holds are read from object storage (even one opened here before)."""

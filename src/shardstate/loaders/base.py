@@ -30,6 +30,8 @@ class LoadReport:
     fetched_files: list[str] = field(default_factory=list)  # ...the files it downloaded
     cached_files: list[str] = field(default_factory=list)  # ...and those the cache held (checked)
     fetch_seconds: float = 0.0  # included in `seconds`
+    resharded_from: int | None = None  # a state saved at this TP size, resharded while loading
+    unverified_tensors: int = 0  # --verify on a reshard: saved tensors read only in part (no digest to check)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,10 +54,12 @@ class LoadTarget:
     params: dict[str, nn.Parameter]
     specs: dict[str, ShardSpec]
     io: IOOptions = IOOptions()
+    saved_specs: dict[str, ShardSpec] | None = None  # a state saved at another TP size: its specs (reshard)
 
     @classmethod
-    def of(cls, model: nn.Module, rank: int, io: IOOptions | None = None) -> LoadTarget:
-        return cls(rank, dict(model.named_parameters()), model.shard_specs(), io or IOOptions())
+    def of(cls, model: nn.Module, rank: int, io: IOOptions | None = None,
+           saved_specs: dict[str, ShardSpec] | None = None) -> LoadTarget:
+        return cls(rank, dict(model.named_parameters()), model.shard_specs(), io or IOOptions(), saved_specs)
 
     @property
     def tp_size(self) -> int:

@@ -24,23 +24,29 @@ from shardstate.io.digests import Expected, StreamingDigests, digest_mismatch
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
+from shardstate.loaders.resharded import load_resharded
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
 from shardstate.store.remote import load_rank_files
 
 
-def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool) -> ShardedState:
+def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool,
+                  saved_specs: dict[str, ShardSpec] | None = None) -> ShardedState:
     """The directory's sharded state, refused unless a model with `specs` running `dtype` can load it:
-    same TP size, same dtype, every tensor recorded with the model's own layout."""
+    same dtype, every tensor recorded with the model's own layout at the saved TP size; at another TP size
+    than the running one, only with `saved_specs` (the model's specs at the saved size: resharded on load)
+    and a manifest (whose specs say how the saved tensors were cut)."""
     state, model_dir = directory.state, directory.path
     if state is None:
         raise ShardstateError("no shardstate.json (the directory is incomplete or not a sharded state)", model_dir,
                               "re-run `shardstate convert`")
     running_tp = next(iter(specs.values())).tp_size
-    if state.tp_size != running_tp:
+    if state.tp_size != running_tp and (state.manifest is None or saved_specs is None):
+        why = (": a directory without shardstate.json (written by vLLM?) records no specs to reshard from"
+               if state.manifest is None else "")
         raise ShardstateError(
-            f"saved for TP={state.tp_size}, running TP={running_tp}", model_dir,
-            f"run `shardstate convert {model_dir} OUT --tp {running_tp}`",
+            f"saved for TP={state.tp_size}, running TP={running_tp}{why}", model_dir,
+            f"run with --tp {state.tp_size}, or `shardstate convert {model_dir} OUT --tp {running_tp}`",
         )
     if state.dtype != dtype:
         saved = DTYPE_NAMES[state.dtype]
@@ -52,30 +58,41 @@ def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch
         raise ShardstateError("--verify needs checksums, and a directory without shardstate.json has none",
                               model_dir, "load without --verify, or convert it into a sharded state first")
     if state.manifest is not None:
-        check_specs(state.manifest, specs, state.manifest_path)
+        check_specs(state.manifest, specs if state.tp_size == running_tp else saved_specs, state.manifest_path)
     return state
 
 
 def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor], dtype: torch.dtype,
-                         verify: bool) -> None:
-    """What the driver checks before it starts any worker: `open_for_load`, and every rank's file headers
-    against the manifest and the model's parameters (`params`, on the meta device, each with its `.spec`;
-    the workers check their own again as they load)."""
-    state = open_for_load(directory, {name: p.spec for name, p in params.items()}, dtype, verify)
+                         verify: bool, saved_specs: dict[str, ShardSpec] | None = None) -> None:
+    """What the driver checks before it starts any worker: `open_for_load`, and every saved rank's file
+    headers against the manifest and the model's parameters (`params`, on the meta device, each with its
+    `.spec`; at the saved TP size `saved_specs` give the shapes; the workers check their own again)."""
+    state = open_for_load(directory, {name: p.spec for name, p in params.items()}, dtype, verify, saved_specs)
     if directory.remote is not None:  # the rank files are not here yet: each rank checks its own as it loads
         return
-    needs = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
+    needs = needs_of(params, saved_specs)
     with ReadAccount() as account:
         for rank in range(state.tp_size):
             index_rank(state, rank, needs, account)
 
 
+def needs_of(params: dict[str, torch.Tensor], saved_specs: dict[str, ShardSpec] | None = None,
+             ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each tensor's shape and dtype in the rank files: the parameters' own, or (`saved_specs`, a state
+    saved at another TP size) the shapes at the saved size."""
+    if saved_specs is None:
+        return {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
+    return {name: (saved_specs[name].local_shape(), p.dtype) for name, p in params.items()}
+
+
 def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
     dtype = next(iter(target.params.values())).dtype
-    state = open_for_load(directory, target.specs, dtype, target.io.verify)
+    state = open_for_load(directory, target.specs, dtype, target.io.verify, target.saved_specs)
+    if state.tp_size != target.tp_size:
+        return load_resharded(target, directory, state, needs_of(target.params, target.saved_specs))
     if state.manifest is None and target.rank == 0:
         warn_legacy(state)
-    needs = {name: (tuple(p.shape), p.dtype) for name, p in target.params.items()}
+    needs = needs_of(target.params)
     with ReadAccount() as account:
         io = target.io
         fetched: dict[Path, torch.Tensor] = {}  # an s3:// state's files: whole, in memory, crc32 checked

@@ -70,6 +70,12 @@ class OpenedModel:
         """Parameter name -> spec at `tp_size` (the same for every rank)."""
         return self.build_on_meta(TPGroup(0, tp_size)).shard_specs()
 
+    def saved_specs(self, tp_size: int) -> dict[str, ShardSpec] | None:
+        """The specs a sharded state saved at another TP size than `tp_size` was cut with (what a reshard on
+        load reads from); None when MODEL is not a state at another TP size."""
+        state = self.directory.state
+        return None if state is None or state.tp_size == tp_size else self.specs(state.tp_size)
+
     def state_config_json(self, quantization: str | None, for_vllm: bool) -> bytes:
         """config.json for a state made from MODEL: its own bytes, or with the quantization_config vLLM needs
         to load a quantized state (`for_vllm`; a state made so keeps it)."""

@@ -119,7 +119,8 @@ class LLM:
             meta_model = opened.build_on_meta(TPGroup(0, tensor_parallel_size))
             check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
             if load_format == "sharded":
-                check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify)
+                check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify,
+                                     opened.saved_specs(tensor_parallel_size))
         live = meta_model if self.quantize is None else build_on_meta(
             self.config, TPGroup(0, tensor_parallel_size), self._model_dtype, self.quantization)
         self._live_params = dict(live.named_parameters())  # what `save` writes (the same names on every rank)

@@ -56,7 +56,8 @@ class Worker:
         if group.size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         with loading(group, Arrivals.so_far, timeout_s):  # a rank still downloading is waited for, not timed out
-            self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io)
+            self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io,
+                                            args.model.saved_specs(group.size))
         if args.quantize is not None:
             quantize_linear_weights(self.model, method_named(args.quantize), group)
 

@@ -252,10 +252,11 @@ def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: 
     return _versions(origin, missing)
 
 
-def rank_objects(origin: RemoteOrigin, manifest: Manifest) -> RemoteFiles:
-    """Every rank file of the state as the object it is (each one's size checked against the manifest),
-    for what reads them in place (inspect's header reads)."""
-    sizes = {name: record["size"] for name, record in manifest.files.items()}
+def rank_objects(origin: RemoteOrigin, manifest: Manifest, ranks: list[int] | None = None) -> RemoteFiles:
+    """The rank files of `ranks` (default: every rank) as the objects they are (each one's size checked
+    against the manifest), for what reads them in place: inspect's header reads, a reshard on load."""
+    sizes = {name: record["size"] for name, record in manifest.files.items()
+             if ranks is None or record["rank"] in ranks}
     return RemoteFiles(origin.cache, origin.url, _versions(origin, sizes), origin.ranges)
 
 
