@@ -69,11 +69,26 @@ def test_family_at_tp2_every_loader_and_save(family_dir, tmp_path, name):
     direct = convert(src, tmp_path / "direct", 2, max_part_bytes=40_000)
     assert files == direct.files
     assert_same_directory(tmp_path / "saved", tmp_path / "direct")
-    for model, load_format in ((src, "sliced"), (tmp_path / "direct", "sharded")):
+    for model, load_format in ((src, "sliced"), (src, "scatter"), (tmp_path / "direct", "sharded")):
         other_states, other_tokens, _, other = run(model, 2, load_format)
+        reads = [report.bytes_read for report in other.load_reports]
         other.close()
         assert other_tokens == tokens, load_format
         for state, reference in zip(other_states, states, strict=True):
+            assert_states_equal(state, reference)
+        if load_format == "scatter":  # the checkpoint read once across the ranks, not once per rank
+            weights = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            assert sum(reads) < 1.05 * weights and max(reads) < 0.8 * weights, (reads, weights)  # + headers
+
+
+@pytest.mark.slow
+def test_scatter_at_tp4_equals_default(family_dir):
+    """Four ranks deal out an MoE with a shared expert (experts stacked, padded vocabulary)."""
+    src = family_dir("qwen2-moe")
+    with LLM(src, tensor_parallel_size=4, load_format="default") as llm:
+        expected = llm.rank_state_dicts()
+    with LLM(src, tensor_parallel_size=4, load_format="scatter") as llm:
+        for state, reference in zip(llm.rank_state_dicts(), expected, strict=True):
             assert_states_equal(state, reference)
 
 

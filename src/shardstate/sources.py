@@ -9,11 +9,10 @@ from typing import Protocol
 
 import torch
 
-from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.sharded_state import check_specs, index_rank, warn_legacy
-from shardstate.io.engine import Scratch, Span, read_spans
+from shardstate.io.engine import Scratch
 from shardstate.io.reader import ReadAccount
-from shardstate.loaders.base import open_checked
+from shardstate.loaders.base import open_checked, read_entries
 from shardstate.models import OpenedModel, build_on_meta
 from shardstate.parallel.distributed import TPGroup
 from shardstate.quant.apply import quantize_whole
@@ -93,10 +92,3 @@ class QuantizingSource:
         for source, tensor in whole.items():
             quantized[source], self.scales[f"{source}_scale"] = quantize_whole(tensor.to(self.dtype), self.method)
         return quantized
-
-
-def read_entries(locations: list[TensorLocation], account: ReadAccount, scratch: Scratch) -> list[torch.Tensor]:
-    """The tensors at `locations`, read together into `scratch` (valid until its next use)."""
-    spans = [Span(loc.file, loc.entry.begin, loc.entry.end) for loc in locations]
-    raw = read_spans(spans, "read", account, scratch=scratch)
-    return [data.view(loc.entry.dtype).view(loc.entry.shape) for data, loc in zip(raw, locations, strict=True)]

@@ -10,13 +10,14 @@ from torch import nn
 from shardstate.errors import ShardstateError
 from shardstate.loaders.base import IOOptions, LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
+from shardstate.loaders.scatter import load_scatter
 from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
 from shardstate.memory import peak_rss_bytes
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
 
-LOADERS = {"default": load_default, "sliced": load_sliced, "sharded": load_sharded}
+LOADERS = {"default": load_default, "sliced": load_sliced, "scatter": load_scatter, "sharded": load_sharded}
 LOAD_FORMATS = ("auto", *LOADERS)
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from shardstate.errors import ShardstateError
-from shardstate.format.checkpoint import Checkpoint, open_checkpoint
+from shardstate.format.checkpoint import Checkpoint, TensorLocation, open_checkpoint
+from shardstate.io.engine import Scratch, Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.spec import Copy, ShardSpec
 
@@ -111,3 +112,10 @@ def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAcco
                 "the weights do not match config.json's architecture; check the checkpoint",
             )
     return checkpoint
+
+
+def read_entries(locations: list[TensorLocation], account: ReadAccount, scratch: Scratch) -> list[torch.Tensor]:
+    """The tensors at `locations`, read together into `scratch` (valid until its next use)."""
+    spans = [Span(loc.file, loc.entry.begin, loc.entry.end) for loc in locations]
+    raw = read_spans(spans, "read", account, scratch=scratch)
+    return [data.view(loc.entry.dtype).view(loc.entry.shape) for data, loc in zip(raw, locations, strict=True)]
