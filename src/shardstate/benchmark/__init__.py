@@ -37,6 +37,7 @@ VLLM_REPEATS = 3
 SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads (None: the default), on the sharded state?)
     ("default", "default", "read", None, False),
     ("sliced", "sliced", "read", None, False),
+    ("scatter", "scatter", "read", None, False),
     ("sharded read", "sharded", "read", None, True),
     ("sharded read 1 thread", "sharded", "read", 1, True),
     ("sharded read + verify", "sharded", "read+verify", None, True),

@@ -42,6 +42,15 @@ def targets(results: dict) -> list[str]:
             ratios = ", ".join(f"TP={tp} {_fmt(_ratio(results, mode, 'transformers tp_plan=auto', tp, cache))}"
                                for tp in tps)
             lines.append(f"- {mode} vs transformers tp_plan=auto speed-up ({cache}; no target): {ratios}")
+    for tp in tps:  # the first load of a checkpoint: read once across the ranks and exchanged, or TP x / sliced
+        for cache in ("warm", "cold"):
+            scatter = _find(results, "scatter", tp, cache)
+            if scatter is None:
+                continue
+            read = sum(r["bytes_read"] for r in scatter["per_rank"]) / 1e9
+            lines.append(f"- scatter TP={tp} {cache}: {read:.2f} GB read in all; vs default "
+                         f"{_fmt(_ratio(results, 'scatter', 'default', tp, cache))}, vs sliced "
+                         f"{_fmt(_ratio(results, 'scatter', 'sliced', tp, cache))} (speed-up; no target)")
     for cost in results.get("verify_cost", []):
         lines.append(f"- --verify cost, warm, --io {cost['io']}, TP={cost['tp']} (target < 0.10 of the load time): "
                      f"{cost['extra_fraction']:+.2f} ({cost['extra_seconds']:+.3f}s on a median of "
