@@ -1,8 +1,10 @@
 """Property test: mutated manifests of a real sharded state. `inspect` and `verify` (through the CLI's
-main) and the checks `generate` runs before it starts any worker (LLM's `check_before_workers`) either
-accept the state or refuse it with one `error:` line: never another exception, a hang or a huge
-allocation. And they agree: what load's checks refuse, verify refuses; what verify passes, load's checks
-pass. SHARDSTATE_FUZZ_EXAMPLES (default 300) sets the cases per strategy; the nightly-style run uses
+main), the checks `generate` runs before it starts any worker (LLM's `check_before_workers`) and those
+`upload` runs before its first request either accept the state or refuse it with one `error:` line: never
+another exception, a hang or a huge allocation. And they agree: what load's checks refuse, verify
+refuses; what verify passes, load's checks pass; what verify refuses, upload refuses before contacting
+the store. The same for the directory's entries (a file removed, a FIFO, a link, a directory).
+SHARDSTATE_FUZZ_EXAMPLES (default 300) sets the cases per strategy; the nightly-style run uses
 10000."""
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,7 @@ from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import build_on_meta, load_config
 from shardstate.parallel.distributed import TPGroup
 from shardstate.store.model_dir import open_model_dir
+from shardstate.store.upload import check_source, upload_state
 from shardstate.synthetic import make_llama_checkpoint
 
 EXAMPLES = int(os.environ.get("SHARDSTATE_FUZZ_EXAMPLES", "300"))
@@ -74,9 +78,41 @@ def at(doc: object, path: tuple) -> object:
     return doc
 
 
+NO_STORE = "cannot use the S3 endpoint"  # AWS_ENDPOINT_URL has no scheme: boto3 makes no client, sends nothing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unusable_store():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:1")
+        patch.delenv("SHARDSTATE_S3_PART_MIB", raising=False)
+        yield
+
+
+def upload_outcome(directory: Path) -> int:
+    """`upload` with a store it cannot reach: 0 if its checks passed (it went on to make its S3 client,
+    which fails before any request), 1 if they refused the directory, in one line."""
+    try:
+        upload_state(directory, "s3://fuzz-bucket/state")
+    except ShardstateError as exc:
+        assert "\n" not in str(exc)
+        return 0 if exc.what.startswith(NO_STORE) else 1
+    raise AssertionError("upload went through without a store")
+
+
+def refused(check: Callable[..., object], *args: object) -> int:
+    """0 if `check(*args)` passes, 1 if it refuses in one line."""
+    try:
+        check(*args)
+    except ShardstateError as exc:
+        assert str(exc).count("\n") == 0
+        return 1
+    return 0
+
+
 def run(world, capsys, text: str | bytes) -> None:
-    """Write the manifest, run inspect, verify and load's checks; check each outcome: one error line at
-    most from each command, and agreement."""
+    """Write the manifest, run inspect, verify, load's and upload's checks; check each outcome: one error
+    line at most from each command, and agreement."""
     directory, _, model = world
     (directory / MANIFEST_NAME).write_bytes(text if isinstance(text, bytes) else text.encode())
     start = time.monotonic()
@@ -84,12 +120,11 @@ def run(world, capsys, text: str | bytes) -> None:
     for command in ("inspect", "verify"):
         outcomes[command] = main([command, str(directory), "--json"])
         assert outcomes[command] in (0, 1)
-    try:
-        check_before_workers(open_model_dir(directory), model["params"], model["dtype"], verify=True)
-        outcomes["load"] = 0
-    except ShardstateError as exc:
-        assert str(exc).count("\n") == 0
-        outcomes["load"] = 1
+    outcomes["upload"] = refused(check_source, directory)  # upload's checks (test_directory_entries: upload's)
+    if outcomes["verify"]:
+        assert outcomes["upload"] == 1, "upload's checks passed what verify refused"
+    outcomes["load"] = refused(lambda: check_before_workers(open_model_dir(directory), model["params"],
+                                                            model["dtype"], verify=True))
     if outcomes["load"]:
         assert outcomes["verify"] == 1, "load's checks refused what verify passed"
         assert outcomes["inspect"] == 1, "load's checks refused what inspect printed as fine"
@@ -184,3 +219,48 @@ def test_bytes(world, capsys, data):
     if data.draw(st.booleans()):
         blob = blob[: data.draw(st.integers(0, len(blob)))]
     run(world, capsys, bytes(blob))
+
+
+ENTRY_CHANGES = ("removed", "fifo", "link-outside", "link-inside", "directory", "truncated")
+ALWAYS_REFUSED = ("removed", "fifo", "link-outside", "directory")
+
+
+@settings(FUZZ, max_examples=max(1, EXAMPLES // 3))  # some 20 entries x 6 changes
+@given(data=st.data())
+def test_directory_entries(world, capsys, data):
+    """A listed file (rank file, side file, the manifest) removed, truncated, or replaced by a FIFO, a link
+    to the same bytes outside the directory, a link to another listed file, a directory: upload refuses
+    what verify refuses, and always one missing, not a regular file or leading outside, before any request
+    and without opening a FIFO (which would hang)."""
+    directory, doc, _ = world
+    original = directory.parent / "state"
+    shutil.copy2(original / MANIFEST_NAME, directory / MANIFEST_NAME)  # the other tests leave theirs
+    names = [MANIFEST_NAME, *doc["side_files"], *doc["files"]]
+    name, change = data.draw(st.sampled_from(names)), data.draw(st.sampled_from(ENTRY_CHANGES))
+    path = directory / name
+    path.unlink()
+    try:
+        if change == "fifo":
+            os.mkfifo(path)
+        elif change == "link-outside":
+            path.symlink_to(original / name)
+        elif change == "link-inside":
+            path.symlink_to(data.draw(st.sampled_from([n for n in names if n != name])))
+        elif change == "directory":
+            path.mkdir()
+        elif change == "truncated":
+            content = (original / name).read_bytes()
+            path.write_bytes(content[: data.draw(st.integers(0, max(0, len(content) - 1)))])
+        verify = main(["verify", str(directory), "--json"])
+        upload = upload_outcome(directory)
+        assert verify in (0, 1)
+        if verify or change in ALWAYS_REFUSED:
+            assert upload == 1, f"upload's checks passed {name} {change}"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert all(line.startswith("error: ") for line in err) and len(err) <= 1, err
+    finally:
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        elif os.path.lexists(path):
+            path.unlink()
+        shutil.copy2(original / name, path)

@@ -6,18 +6,19 @@ open uploads and finishes; every refusal (a directory `verify` refuses, a FIFO, 
 missing side file, an s3:// DIR, a prefix inside or above another state, one holding another state's
 unfinished upload or foreign objects) comes before anything is sent.
 
-Each stop lands mid-upload deterministically: the process is frozen (SIGSTOP) once a multipart upload
-of it is open, signalled, then let go (SIGCONT)."""
+Each stop lands mid-upload deterministically: the process is frozen (SIGSTOP) once its rank files are on
+their way, signalled, then let go (SIGCONT)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,17 @@ def listing(server, prefix: str) -> tuple[dict[str, dict], list[str]]:
             [u["Key"].removeprefix(f"{prefix}/") for u in uploads])
 
 
-def start(server, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "shardstate"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+@contextlib.contextmanager
+def running(server, *args: str) -> Iterator[subprocess.Popen]:
+    """`shardstate *args`, killed on the way out if a failed check left it running (or frozen)."""
+    proc = subprocess.Popen([str(BIN / "shardstate"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **server.env(), **SMALL_PARTS})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def freeze_when(proc: subprocess.Popen, condition: Callable[[], bool]) -> None:
@@ -73,44 +82,33 @@ def freeze_when(proc: subprocess.Popen, condition: Callable[[], bool]) -> None:
 
 
 def mid_upload(server, prefix: str) -> Callable[[], bool]:
+    """Rank files on their way (a multipart upload open, or one already up) and no manifest yet."""
     def holds() -> bool:
         objects, uploads = listing(server, prefix)
-        return bool(uploads) and "shardstate.json" not in objects
+        return (bool(uploads) or any(n.startswith("model-rank-") for n in objects)) and "shardstate.json" not in objects
     return holds
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
-def test_a_stop_takes_the_upload_back_within_seconds(server, big, sig):
-    prefix = f"stop-{sig.name}"
+@pytest.mark.parametrize(("command", "sig"), [("upload", signal.SIGINT), ("upload", signal.SIGTERM),
+                                              ("convert", signal.SIGHUP)], ids=lambda v: getattr(v, "name", v))
+def test_a_stop_takes_the_upload_back_within_seconds(server, big, tmp_path, command, sig):
+    """Signalled mid-upload (`convert SRC s3://...` stages, then uploads): out within 10 s, one line, nothing
+    at the prefix, neither objects nor multipart uploads, and no staging directory left."""
+    prefix, cache = f"stop-{command}-{sig.name}", tmp_path / "cache"
     url = f"s3://{BUCKET}/{prefix}"
-    proc = start(server, "upload", str(big[1]), url, "--parallel", "1")
-    freeze_when(proc, mid_upload(server, prefix))
-    proc.send_signal(sig)
-    proc.send_signal(signal.SIGCONT)
-    began = time.monotonic()
-    _, stderr = proc.communicate(timeout=30)
+    args = (["upload", str(big[1]), url, "--parallel", "1"] if command == "upload" else
+            ["convert", str(big[0]), url, "--tp", "2", "--max-part-size", "12MB", "--cache-dir", str(cache)])
+    with running(server, *args) as proc:
+        freeze_when(proc, mid_upload(server, prefix))
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        began = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
     assert time.monotonic() - began < 10
+    assert listing(server, prefix) == ({}, [])
     assert proc.returncode == 128 + sig, stderr
     assert stderr.splitlines() == [f"error: stopped by {sig.name}; upload aborted, nothing left at {url}"]
-    assert listing(server, prefix) == ({}, [])
-
-
-def test_a_stop_during_convert_to_s3_takes_its_upload_back(server, big, tmp_path):
-    """`convert SRC s3://...` stages, then uploads: SIGHUP in the upload, nothing left there nor staged."""
-    prefix, cache = "stop-convert", tmp_path / "cache"
-    url = f"s3://{BUCKET}/{prefix}"
-    proc = start(server, "convert", str(big[0]), url, "--tp", "2", "--max-part-size", "12MB", "--cache-dir",
-                 str(cache))
-    freeze_when(proc, mid_upload(server, prefix))
-    proc.send_signal(signal.SIGHUP)
-    proc.send_signal(signal.SIGCONT)
-    began = time.monotonic()
-    _, stderr = proc.communicate(timeout=30)
-    assert time.monotonic() - began < 10
-    assert proc.returncode == 128 + signal.SIGHUP, stderr
-    assert stderr.splitlines() == [f"error: stopped by SIGHUP; upload aborted, nothing left at {url}"]
-    assert listing(server, prefix) == ({}, [])
-    assert [p.name for p in cache.iterdir() if p.name.startswith(".shardstate-convert")] == []
+    assert not cache.exists() or [p.name for p in cache.iterdir() if p.name.startswith(".shardstate-convert")] == []
 
 
 def test_a_killed_upload_is_resumed_by_the_same_upload(server, big):
@@ -118,15 +116,15 @@ def test_a_killed_upload_is_resumed_by_the_same_upload(server, big):
     keeps the whole objects (not sent again), aborts the open uploads and publishes the state."""
     prefix, state_dir = "killed", big[1]
     url = f"s3://{BUCKET}/{prefix}"
-    proc = start(server, "upload", str(state_dir), url, "--parallel", "2")
 
     def some_up_some_open() -> bool:
         objects, uploads = listing(server, prefix)
         return bool(uploads) and any(n.startswith("model-rank-") for n in objects)
 
-    freeze_when(proc, some_up_some_open)
-    proc.kill()
-    proc.communicate()
+    with running(server, "upload", str(state_dir), url, "--parallel", "2") as proc:
+        freeze_when(proc, some_up_some_open)
+        proc.kill()
+        proc.communicate()
     objects, uploads = listing(server, prefix)
     assert MARKER_NAME in objects and "shardstate.json" not in objects and uploads
     whole = {n: o["ETag"] for n, o in objects.items() if n.startswith("model-rank-")}

@@ -25,7 +25,8 @@ A stop (SIGINT, SIGTERM, SIGHUP) ends the transfers at the next part, without wa
 queued; this run's multipart uploads are aborted and the objects it put deleted (the marker last), so the
 prefix is as the run found it; the stop's line says so, or exactly what could not be removed. A failure
 (the server, a file changed meanwhile) aborts the multipart uploads in flight and keeps the files
-already up, for the same upload to resume."""
+already up, for the same upload to resume; so does a program using this module that dies of a signal
+(no clean-up runs there: what it leaves is what a SIGKILL leaves)."""
 
 from __future__ import annotations
 
