@@ -201,7 +201,7 @@ class Outgoing:
 
     def changed(self) -> ShardstateError:
         return ShardstateError(f"{self.name} changed while it was uploaded", self.path.parent,
-                               "let whatever writes to the state finish, verify it, then upload again")
+                               "let whatever writes to the state finish, and verify it")
 
     def read(self, part: int) -> bytearray:
         with self.lock:
