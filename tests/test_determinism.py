@@ -10,6 +10,7 @@ SHARDSTATE_DETERMINISM_RUNS=N repeats the hostile run N times (default 1) for a 
 from __future__ import annotations
 
 import contextlib
+import json
 import mmap
 import os
 import subprocess
@@ -122,6 +123,20 @@ def test_every_run_gives_the_same_logits(state, tmp_path, monkeypatch, name, tp)
         for run in range(RUNS):
             with LLM(path, tensor_parallel_size=tp, io_threads=4) as llm:
                 assert (diff := difference(results(llm), reference)) is None, f"hostile run {run}: {diff}"
+
+
+def test_generate_json_prints_the_apis_logprobs_exactly(state):
+    path = state("llama", 2)
+    with LLM(path, tensor_parallel_size=2) as llm:
+        outputs = llm.generate(PROMPTS, max_new_tokens=3, ignore_eos=True, logprobs=4)
+    assert all(step[0][0] == token for o in outputs for step, token in zip(o.logprobs, o.token_ids, strict=True))
+    prompts = [arg for prompt in PROMPTS for arg in ("--prompt-ids", ",".join(map(str, prompt)))]
+    result = subprocess.run([sys.executable, "-m", "shardstate.command", "generate", str(path), "--tp", "2", *prompts,
+                             "--max-new-tokens", "3", "--ignore-eos", "--json", "--logprobs", "4"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)["outputs"]
+    assert [o["logprobs"] for o in printed] == [[[list(pair) for pair in step] for step in o.logprobs] for o in outputs]
 
 
 class NoPopulate(mmap.mmap):
