@@ -109,23 +109,19 @@ class Prefix:
 def check_destination(url: str, manifest: Manifest | None = None, parallel: int = DEFAULT_RANGES) -> (
         tuple[S3Store, Prefix]):
     """The store of `url` and what it holds, refused unless an upload of `manifest`'s state may write there
-    (reads only). `manifest` None (convert, before its state exists): an unfinished upload of any state
-    passes; the upload itself checks that it is of the same state."""
+    (reads only; but a marker left beside a finished upload of this same state is removed: it is its own).
+    `manifest` None (convert, before its state exists): an unfinished upload of any state passes; the
+    upload itself checks that it is of the same state."""
     store = S3Store(S3Location.parse(url))
     location = store.location
-    parts = location.prefix.split("/") if location.prefix else []
-    for depth in range(len(parts)):
-        parent = store.at("/".join(parts[:depth]))
-        for name in (MANIFEST_NAME, MARKER_NAME):
-            if parent.exists(name):
-                what = "a sharded state" if name == MANIFEST_NAME else "an unfinished upload"
-                raise ShardstateError(f"{location.url()} is inside {parent.location.url()}, which holds {what} "
-                                      f"({name})", None, "upload to a prefix outside it")
+    _refuse_nesting(store)
     objects = store.objects()
     below = sorted(n for n in objects if "/" in n and n.rsplit("/", 1)[1] in (MANIFEST_NAME, MARKER_NAME))
     if below:
-        raise ShardstateError(f"{location.url()} holds a sharded state below it, at "
-                              f"{location.url(below[0].rsplit('/', 1)[0])}", None, "upload to a prefix of its own")
+        where, name = below[0].rsplit("/", 1)
+        what = "a sharded state" if name == MANIFEST_NAME else "an unfinished upload"
+        raise ShardstateError(f"{location.url()} holds {what} below it, at {location.url(where)}", None,
+                              "upload to a prefix of its own")
     state_id = manifest.state_id if manifest is not None else None
     if MANIFEST_NAME in objects:
         if state_id is not None and _state_named(store, MANIFEST_NAME, objects) == state_id:
@@ -167,6 +163,20 @@ def check_destination(url: str, manifest: Manifest | None = None, parallel: int 
     kept = [name for name, meta in zip(candidates, metadata, strict=True)
             if meta.get(STATE_KEY) == state_id and meta.get(CRC_KEY) == f"{manifest.files[name]['crc32']:08x}"]
     return store, Prefix(resuming=True, kept=kept, stale=uploads)
+
+
+def _refuse_nesting(store: S3Store) -> None:
+    """A prefix inside another state's (a manifest or an upload marker at a parent prefix) is refused: a
+    reader of that state would list this one's objects as its own."""
+    location = store.location
+    parts = location.prefix.split("/") if location.prefix else []
+    for depth in range(len(parts)):
+        parent = store.at("/".join(parts[:depth]))
+        for name in (MANIFEST_NAME, MARKER_NAME):
+            if parent.exists(name):
+                what = "a sharded state" if name == MANIFEST_NAME else "an unfinished upload"
+                raise ShardstateError(f"{location.url()} is inside {parent.location.url()}, which holds {what} "
+                                      f"({name})", None, "upload to a prefix outside it")
 
 
 def _state_named(store: S3Store, name: str, objects: dict) -> str | None:
