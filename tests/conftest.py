@@ -59,6 +59,20 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]], steps: int) -
     return tokens, torch.stack(first)
 
 
+S3_BUCKET = "shardstate-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (SeaweedFS on 127.0.0.1) for each test module that asks, with S3_BUCKET
+    made (modules reuse prefix names); stopped, its data removed, when the module is done."""
+    from shardstate.benchmark.seaweedfs import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as running:
+        running.client().create_bucket(Bucket=S3_BUCKET)
+        yield running
+
+
 def checkpoint_maker(tmp_path_factory: pytest.TempPathFactory, families: dict[str, tuple[str, dict]], seed: int):
     """`make(name)`: the checkpoint of `families[name]` = (architecture, config overrides), made once with
     weights of std 0.1 (so greedy tokens vary)."""

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint_maker
+from conftest import S3_BUCKET, checkpoint_maker
 from rank_files import rank_tensors
-from shardstate.benchmark.seaweedfs import S3Server, s3_server
 from shardstate.convert import convert
 from shardstate.format.safetensors_header import read_header
 from shardstate.runtime.llm import LLM
 from test_families import FAMILIES
 
 BIN = Path(sys.executable).parent
-BUCKET = "reshard-test"
+BUCKET = S3_BUCKET
 ALIGNED_READ_LIMIT = 1.25  # bytes read per rank / its own share, where saved boxes hold whole target boxes
 
 
@@ -126,20 +125,13 @@ def test_a_state_without_a_manifest_is_not_resharded_on_load(family_dir, tmp_pat
            "to reshard from" in refused.stderr
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> S3Server:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as running:
-        running.client().create_bucket(Bucket=BUCKET)
-        yield running
-
-
 def test_a_state_in_s3_reshards_on_load_fetching_only_its_share(server, family_dir, tmp_path, monkeypatch):
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     src = family_dir("qwen2-moe")
     convert(src, tmp_path / "tp4", 4)
     convert(src, tmp_path / "tp2", 2)
-    url = f"s3://{BUCKET}/tp4"
+    url = f"s3://{BUCKET}/reshard-on-load/tp4"
     upload = shardstate("upload", str(tmp_path / "tp4"), url, env={**os.environ, **server.env()})
     assert upload.returncode == 0, upload.stderr
     cache = tmp_path / "cache"

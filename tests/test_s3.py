@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import S3_BUCKET
 from rank_files import rank_tensors
 from shardstate.benchmark.seaweedfs import S3Server, s3_server
 from shardstate.convert import convert
@@ -32,15 +33,8 @@ from shardstate.synthetic import make_llama_checkpoint
 from test_worker_failures import processes_with_env
 
 BIN = Path(sys.executable).parent
-BUCKET = "shardstate-test"
+BUCKET = S3_BUCKET
 PROMPT = ["--prompt-ids", "1,5,9,33", "--max-new-tokens", "5", "--ignore-eos"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> S3Server:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as running:
-        running.client().create_bucket(Bucket=BUCKET)
-        yield running
 
 
 @pytest.fixture(scope="module")

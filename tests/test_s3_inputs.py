@@ -14,18 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardstate.benchmark.seaweedfs import S3Server, s3_server
+from shardstate.benchmark.seaweedfs import S3Server
 from shardstate.convert import convert
 from shardstate.runtime.llm import LLM
 from shardstate.synthetic import make_llama_checkpoint
 from test_s3 import BUCKET, PROMPT, error_line, generate, shardstate, uploaded
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> S3Server:
-    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as running:
-        running.client().create_bucket(Bucket=BUCKET)
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +56,10 @@ def test_errors_about_an_s3_model_name_its_location(server, source, state, tmp_p
     line = error_line(shardstate(server, "generate", url, *PROMPT, "--cache-dir", str(cache)))
     assert f"does not divide num_attention_heads=4 in {url}/config.json: repair config.json" in line, line
     assert str(cache) not in line
-    url = uploaded(server, state, "tp2-at-tp1")
-    line = error_line(shardstate(server, "generate", url, "--tp", "1", *PROMPT[:2], "--cache-dir", str(cache)))
-    assert f"in {url}" in line and str(cache) not in line, line
+    url = uploaded(server, state, "f32-as-bf16")
+    line = error_line(shardstate(server, "generate", url, "--tp", "2", "--dtype", "bfloat16", *PROMPT[:2],
+                                 "--cache-dir", str(cache)))
+    assert f"saved as F32, running BF16 in {url}:" in line and str(cache) not in line, line
 
 
 def test_a_checkpoint_in_s3_whose_config_names_no_dtype(server, source, tmp_path, monkeypatch):

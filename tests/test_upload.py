@@ -30,7 +30,7 @@ from shardstate.store.upload import MARKER_FORMAT, MARKER_NAME, PART_ENV
 from shardstate.synthetic import make_llama_checkpoint
 from test_s3 import BIN, BUCKET
 
-server, state = test_s3.server, test_s3.state  # the module's SeaweedFS and small TP=2 state (many parts)
+state = test_s3.state  # a small TP=2 state (many parts); the session's SeaweedFS is conftest's `server`
 SMALL_PARTS = {PART_ENV: "5"}  # S3's smallest part: the big state's files go in 2-3 parts each
 
 
