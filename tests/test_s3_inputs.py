@@ -131,3 +131,19 @@ def test_inspect_reads_an_s3_states_headers_in_place(server, state, tmp_path):
     flagged = shardstate(server, "inspect", url, "--json", "--cache-dir", str(cache))
     assert "1 rank file(s) would be refused by a load" in error_line(flagged)
     assert json.loads(flagged.stdout)["ranks"][1]["files"][0]["problem"]
+
+
+def test_json_objects_nested_past_the_parser_are_one_line(server, state):
+    """A marker or manifest object nested 100,000 deep at the prefix (a RecursionError traceback before):
+    upload refuses the prefix in one line, and nothing is sent."""
+    from shardstate.store.upload import MARKER_NAME
+
+    deep = b'{"state_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    client = server.client()
+    for name in (MARKER_NAME, "shardstate.json"):
+        prefix = f"nested-{name.strip('.')}"
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=deep)
+        line = error_line(shardstate(server, "upload", str(state), f"s3://{BUCKET}/{prefix}"))
+        assert f"s3://{BUCKET}/{prefix}" in line and "Traceback" not in line, line
+        listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/")["Contents"]
+        assert [o["Key"] for o in listed] == [f"{prefix}/{name}"]

@@ -8,7 +8,6 @@ llama-cpp-python, are not needed: only its file is read, the package is never im
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError, failing_as
+from shardstate.format.strict_json import loads_strict
 from shardstate.processes import process_tag, tag_alive
 from shardstate.stops import forget, on_default_death
 
@@ -143,7 +143,7 @@ def check_converted(model_dir: Path) -> None:
     from safetensors import safe_open
 
     config_path = model_dir / "config.json"
-    config = json.loads(config_path.read_text())
+    config = loads_strict(config_path.read_bytes())
     for key, want in EXPECTED_CONFIG.items():
         if config.get(key) != want:
             raise ShardstateError(f"the converted config says {key}={config.get(key)!r}, not {want!r}", config_path,

@@ -42,6 +42,7 @@ from pathlib import Path
 from shardstate.errors import ShardstateError, brief, failing_as
 from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from shardstate.format.sharded_state import check_inside, open_sharded_state
+from shardstate.format.strict_json import loads_strict
 from shardstate.io.crc32 import crc32_combine
 from shardstate.io.files import open_regular, read_regular
 from shardstate.io.s3 import DEFAULT_RANGES, S3Location, S3Store, is_s3
@@ -184,7 +185,7 @@ def _state_named(store: S3Store, name: str, objects: dict) -> str | None:
     if name not in objects or objects[name].size > MAX_MANIFEST_BYTES:
         return None
     try:
-        doc = json.loads(store.read_bytes(name, MAX_MANIFEST_BYTES))
+        doc = loads_strict(store.read_bytes(name, MAX_MANIFEST_BYTES))  # nested past the parser: ValueError
     except ValueError:
         return None
     if not isinstance(doc, dict) or (name == MARKER_NAME and doc.get("format") != MARKER_FORMAT):

@@ -4,7 +4,6 @@ live worker its own rank): the plan of parts, the staged temporary directory, an
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -33,6 +32,7 @@ from shardstate.format.manifest import (
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import WRITE_TODO, OutTensor, RankWriter, split_into_parts
 from shardstate.format.sharded_state import ShardedState, vllm_scale_names
+from shardstate.format.strict_json import loads_strict
 from shardstate.io.crc32 import crc32_combine
 from shardstate.io.files import open_regular
 from shardstate.quant.vllm import declares_quantization, kv_placeholders
@@ -62,7 +62,7 @@ class StatePlan:
         each is written in its own dtype. A `config_json` with a quantization_config (`--for-vllm`) adds
         the KV-cache placeholders vLLM then expects."""
         constants = {n: (OutTensor(n, torch.float32, ()), 1.0) for n in vllm_scale_names(num_layers)}
-        if declares_quantization(json.loads(config_json)):
+        if declares_quantization(loads_strict(config_json)):
             constants |= {n: (OutTensor(n, t, (1,)), v) for n, t, v in kv_placeholders(num_layers, dtype)}
         tensors = [OutTensor(n, p.dtype, p.spec.local_shape()) for n, p in params.items()]
         parts = split_into_parts(tensors + [t for t, _ in constants.values()], max_part_bytes)
