@@ -5,9 +5,14 @@ The parameters are dealt out to the ranks by the bytes of their source tensors (
 rank: largest first, each to the rank with the fewest bytes so far). In model order, the rank that owns a
 parameter reads its sources whole, cuts every rank's part with the parameter's spec (`ShardSpec.take`,
 what `default` does per rank, so the weights are the same bit for bit), and scatters them: each rank
-receives its part straight into its parameter. Memory is bounded by one parameter's sources and parts."""
+receives its part straight into its parameter. Scatters run asynchronously, IN_FLIGHT at a time, so a
+rank reads and cuts its next parameter while the previous ones travel; memory is bounded by that many
+parameters' parts (and one parameter's sources)."""
 
 from __future__ import annotations
+
+from collections import deque
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,6 +23,8 @@ from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget, open_checked, read_entries
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
+
+IN_FLIGHT = 4  # scatters posted and not yet waited for
 
 
 def deal(specs: dict[str, ShardSpec], checkpoint: Checkpoint, ranks: int) -> dict[str, int]:
@@ -42,6 +49,7 @@ def load_scatter(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         checkpoint = open_checked(target.specs, directory.path, account)
         owners = deal(target.specs, checkpoint, ranks)
         scratch = Scratch()
+        in_flight: deque[tuple[Any, list[torch.Tensor] | None, torch.Tensor, torch.nn.Parameter]] = deque()
         with torch.no_grad():
             for name, spec in target.specs.items():
                 param = target.params[name]
@@ -55,7 +63,16 @@ def load_scatter(target: LoadTarget, directory: ModelDir) -> ReadAccount:
                     param.copy_(parts[0])
                     continue
                 received = param.data if device.type == "cpu" else torch.empty_like(param, device=device)
-                dist.scatter(received, parts, src=owners[name])
-                if received is not param.data:
-                    param.data = received
+                work = dist.scatter(received, parts, src=owners[name], async_op=True)
+                in_flight.append((work, parts, received, param))  # parts kept alive until sent
+                if len(in_flight) > IN_FLIGHT:
+                    _finish(*in_flight.popleft())
+            while in_flight:
+                _finish(*in_flight.popleft())
     return account
+
+
+def _finish(work: Any, parts: list[torch.Tensor] | None, received: torch.Tensor, param: torch.nn.Parameter) -> None:
+    work.wait()
+    if received is not param.data:
+        param.data = received
