@@ -364,7 +364,13 @@ def is_constant(spec: object) -> bool:
 
 def _checked_spec(r: _Reader, field: str, record: dict, shape: list[int], manifest: Manifest) -> ShardSpec | None:
     """A parameter's spec: it parses, is for this TP size, gives the recorded shapes and has the state's
-    dtype. None for a constant: [] or [1], F32 or the state's dtype, the same on every rank."""
+    dtype. None for a constant: [] or [1], F32 or the state's dtype, the same on every rank; and for an
+    opaque tensor (spec null: written inside vLLM for a model shardstate has no specs for, loadable only at
+    its own layout, by name), of any dtype, its global shape its own."""
+    if record["spec"] is None:
+        if record["global_shape"] != shape:
+            raise r.fail(field, "has no spec (opaque) but a global shape other than its own")
+        return None
     if is_constant(record["spec"]):
         value = record["spec"].get("value")
         if (shape not in CONSTANT_SHAPES or record["global_shape"] not in ([], shape)
