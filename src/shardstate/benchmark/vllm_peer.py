@@ -6,6 +6,7 @@ main module). Prints one JSON object. Run with a Python that has vLLM (see ../sh
     python vllm_peer.py save DIR OUT --tp 2
     python vllm_peer.py generate DIR --tp 2 --prompt-ids 1,2,3 --save OUT   # tokens, then save the state
     python vllm_peer.py generate DIR --tp 2 --prompt-ids 1,2,3 --dump OUT   # state as loaded, then tokens
+    python vllm_peer.py generate DIR --tp 2 --load-format shardstate --extra-config '{"cache_dir": "C"}' ...
 
 `--dump` needs the vllm_dumppre plugin (../shared/peers/vllm-dumppre) on PYTHONPATH: it writes each rank's
 state with vLLM's own saver right after the default loader filled it, before the CPU backend repacks
@@ -24,7 +25,7 @@ import shutil
 from pathlib import Path
 
 
-def engine(model: str, tp: int, load_format: str, dtype: str):
+def engine(model: str, tp: int, load_format: str, dtype: str, extra_config: dict | None = None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if tp > 1:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(c) for c in range(tp)))
@@ -33,6 +34,7 @@ def engine(model: str, tp: int, load_format: str, dtype: str):
     return LLM(
         model=model, tensor_parallel_size=tp, dtype=dtype, enforce_eager=True, max_model_len=256,
         load_format=load_format, seed=0, skip_tokenizer_init=True, distributed_executor_backend="mp",
+        model_loader_extra_config=extra_config,
     )
 
 
@@ -48,13 +50,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--save", help="generate: then save the engine's sharded state into this new directory")
     parser.add_argument("--dump", help="generate: load with the dumppre plugin, which writes the state here")
+    parser.add_argument("--extra-config", type=json.loads, help="model_loader_extra_config, as JSON")
+    parser.add_argument("--digests", action="store_true",
+                        help="generate: also each rank's parameter digests right after loading (vllm-keepweights)")
     args = parser.parse_args()
     load_format = args.load_format
     if args.dump:
         os.environ["DUMP_DIR"] = str(Path(args.dump).resolve())  # the workers inherit it
         os.environ.setdefault("VLLM_PLUGINS", "vllm_dumppre")
         load_format = "dumppre"
-    llm = engine(args.model, args.tp, load_format, args.dtype)
+    llm = engine(args.model, args.tp, load_format, args.dtype, args.extra_config)
     if args.command == "load":  # the engine is up: its log has "Loading weights took X seconds"
         print(json.dumps({"loaded": args.model}))
     elif args.command == "generate":

@@ -56,6 +56,11 @@ class ShardedState:
     tp_size: int
     dtype: torch.dtype
     legacy_files: dict[int, list[Path]]
+    pp_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
 
     @property
     def manifest_path(self) -> Path:
@@ -95,7 +100,7 @@ def open_sharded_state(root: Path, allow_legacy: bool = False, config_bytes: byt
                 "config.json differs from the one the files were made for", root / MANIFEST_NAME,
                 "restore config.json or convert again",
             )
-        return ShardedState(root, manifest, manifest.tp_size, DTYPES[manifest.dtype], {})
+        return ShardedState(root, manifest, manifest.tp_size, DTYPES[manifest.dtype], {}, manifest.pp_size)
     legacy = _legacy_files(root)
     headers = [read_header(paths[0]) for paths in legacy.values()]
     if not allow_legacy or not legacy or any(h.metadata.get("writer") == WRITER for h in headers):
@@ -128,7 +133,7 @@ def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader, s
     """A listed rank file against the manifest: its own record of state, rank, TP size and part (its
     safetensors metadata), its size, and exactly the tensors, dtypes and shapes listed for it."""
     record = manifest.files[path.name]
-    expected = rank_file_metadata(manifest.state_id, record["rank"], manifest.tp_size, record["part"])
+    expected = rank_file_metadata(manifest.state_id, record["rank"], manifest.tp_size, record["part"], manifest.pp_size)
     for key, value in expected.items():
         found = header.metadata.get(key)
         if found != value:
@@ -153,10 +158,20 @@ def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader, s
         raise ShardstateError(f"size {size}, manifest says {record['size']}", path, "re-create the sharded state")
 
 
-def check_specs(manifest: Manifest, specs: dict[str, ShardSpec], path: Path) -> None:
+def check_specs(manifest: Manifest, stage_specs: dict[str, ShardSpec] | list[dict[str, ShardSpec]],
+                path: Path) -> None:
     """Every rank's tensors are exactly the model's parameters (plus constants), each recorded with the
-    spec the model would cut it with: a state laid out for another model is refused before loading."""
+    spec the model would cut it with: a state laid out for another model is refused before loading.
+    `stage_specs`: the model's specs, or at PP>1 each stage's."""
+    opaque = next((name for name, record in manifest.tensors["0"].items() if record["spec"] is None), None)
+    if opaque is not None:
+        raise ShardstateError(
+            f"tensor '{opaque}' has no recorded layout (an opaque entry, written inside vLLM for a model "
+            "shardstate has no specs for)", path,
+            f"load it in vLLM (--load-format shardstate) at TP={manifest.tp_size}",
+        )
     for rank, recorded in manifest.specs.items():
+        specs = stage_specs[int(rank) // manifest.tp_size] if isinstance(stage_specs, list) else stage_specs
         params = {model_name(n, specs): n for n in recorded}
         if set(params) != set(specs):
             extra, lacking = sorted(set(params) - set(specs)), sorted(set(specs) - set(params))
