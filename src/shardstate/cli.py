@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shardstate.cache_command import add_cache_command, run_cache
 from shardstate.display import print_generation
 from shardstate.errors import ShardstateError
 from shardstate.io.engine import IO_MODES
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests in flight: whole files, or parts of $SHARDSTATE_S3_PART_MIB (default 16) "
                              "MiB (default 8)")
 
+    add_cache_command(commands)
+
     bench = commands.add_parser("bench", help="load-time benchmark against peers (JSON, markdown, PNG)")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="where results.{json,md,png} go")
     bench.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark model lives")
@@ -358,6 +361,7 @@ COMMANDS = {
     "inspect": run_inspect,
     "upload": run_upload,
     "verify": run_verify,
+    "cache": run_cache,
     "generate": run_generate,
 }
 

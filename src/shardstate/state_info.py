@@ -113,7 +113,7 @@ def _record_problem(
     return None, header
 
 
-def _check_file(root: Path, name: str, manifest: Manifest) -> str | None:
+def check_file(root: Path, name: str, manifest: Manifest) -> str | None:
     """The first thing wrong with one file, or None."""
     problem, header = _record_problem(root, name, manifest)
     if header is None:
@@ -153,5 +153,5 @@ def verify_state(root: Path) -> list[FileCheck]:
     TP size), then check every file (its own record, size, header, tensors, checksum) and report each,
     not just the first."""
     state = checked_state(root)
-    return [FileCheck(name, (problem := _check_file(root, name, state.manifest)) is None, problem)
+    return [FileCheck(name, (problem := check_file(root, name, state.manifest)) is None, problem)
             for name in sorted(state.manifest.files)]

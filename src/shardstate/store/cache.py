@@ -128,7 +128,7 @@ def publish(entry: CacheEntry, staging: Path, token: str) -> None:
     is refused."""
     if entry.path.exists() or entry.path.is_symlink():
         if read_key(entry.path) is None or entry.path.is_symlink():
-            raise ShardstateError("is in the way of a cache entry and was not written by shardstate", entry.path,
+            raise ShardstateError("a directory shardstate did not write is where the cache entry goes", entry.path,
                                   "move it out of the cache directory")
         aside = entry.root / f".{entry.name}.replaced-{token}"
         os.rename(entry.path, aside)
@@ -202,7 +202,7 @@ def find(root: Path, name: str) -> CacheEntry:
     if name.startswith(".") or Path(name).name != name or not entry.path.is_dir() or entry.path.is_symlink():
         raise ShardstateError("no such cache entry", entry.path, "see `shardstate cache list`")
     if read_key(entry.path) is None:
-        raise ShardstateError("is not a cache entry shardstate wrote (no key.json of ours)", entry.path,
+        raise ShardstateError("not a cache entry shardstate wrote (no key.json of ours)", entry.path,
                               "shardstate removes only its own entries; remove it yourself if you mean to")
     return entry
 
@@ -212,7 +212,7 @@ def remove(entry: CacheEntry) -> None:
     refused while another process builds it."""
     lock = EntryLock(entry)
     if not lock.acquire():
-        raise ShardstateError("is being built by a running process", entry.path, "try again when it has finished")
+        raise ShardstateError("the entry is being built by a running process", entry.path, "try again when it has finished")
     try:
         aside = entry.root / f".{entry.name}.replaced-rm"
         with failing_as("cannot remove the cache entry", entry.path, TODO):
