@@ -57,16 +57,18 @@ class Checkpoint:
 
 
 def fill_entry(entry: CacheEntry, fields: dict, tensors: dict[str, torch.Tensor], ranks: Ranks,
-               checkpoint: Checkpoint, log: Callable[[str], None]) -> bool:
+               checkpoint: Checkpoint, log: Callable[[str], None], replace: bool = False) -> bool:
     """Write this rank's `tensors` (name -> tensor, vLLM's state without aliases) into `entry`; True on
-    every rank if the entry was published."""
+    every rank if the entry was published. An entry published meanwhile by another process is kept,
+    unless `replace` (this one was found damaged, or a refresh was asked for)."""
+    _attempt(lambda: entry.root.mkdir(parents=True, exist_ok=True))  # a failure shows in the steps below
     token = str(ranks.first(secrets.token_hex(8)))
     sharing = _sharing(entry.root, token, ranks)
     builder = sharing[0] == ranks.rank
     lock = EntryLock(entry)
     staging = entry.staging(token)
     try:
-        claimed = _attempt(lambda: _claim(lock, entry, staging)) if builder else True
+        claimed = _attempt(lambda: _claim(lock, entry, staging, None if replace else fields)) if builder else True
         failed = _first_failure(ranks.all_gather(claimed))
         if failed is None:
             written = _attempt(lambda: _write_rank(staging, ranks, tensors, checkpoint))
@@ -116,9 +118,14 @@ def _sharing(root: Path, token: str, ranks: Ranks) -> list[int]:
     return seen if ranks.rank in seen else [ranks.rank]
 
 
-def _claim(lock: EntryLock, entry: CacheEntry, staging: Path) -> str | None:
+def _claim(lock: EntryLock, entry: CacheEntry, staging: Path, keep: dict | None) -> str | None:
+    """The lock, and a fresh staging directory; why not, as a line. `keep`: the fields of an entry that,
+    if another process published it meanwhile, is kept as it is."""
     if not lock.acquire():
         return f"another process is building the cache entry {entry.path}; not filling it from here"
+    existing = entry.key()
+    if keep is not None and existing is not None and existing["fields"] == keep:
+        return f"another process filled the cache entry {entry.path} meanwhile; kept"
     sweep(entry)
     staging.mkdir()
     return None

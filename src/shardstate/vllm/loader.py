@@ -113,6 +113,9 @@ class ShardstateModelLoader(BaseModelLoader):
         root.mkdir(parents=True, exist_ok=True)
         entry = CacheEntry(root, entry_name(fields))
         ready = self.options.cache == "auto" and entry.holds(fields, ranks.rank)
+        # an entry found here but not loaded (damaged, incomplete, or a refresh) is rebuilt; one that another
+        # process publishes while this one loads is kept
+        replace = entry.key() is not None
         if all(ranks.all_gather(ready)):
             outcome = _attempt_read(entry, ranks.rank, params, self.options.verify)
             outcomes = ranks.all_gather(outcome)
@@ -130,8 +133,8 @@ class ShardstateModelLoader(BaseModelLoader):
         start = time.perf_counter()
         checkpoint = Checkpoint(directory, _architecture(model_config), model_config.dtype,
                                 _shardstate_specs(directory, ranks.size, model_config))
-        filled = fill_entry(entry, fields, params, ranks, checkpoint, lambda line: logger.warning("shardstate: %s",
-                                                                                                  line))
+        filled = fill_entry(entry, fields, params, ranks, checkpoint,
+                            lambda line: logger.warning("shardstate: %s", line), replace)
         written = sum(p.numel() * p.element_size() for p in params.values())
         logger.info("shardstate: miss %s: rank %d loaded by vLLM's default loader in %.2f s, %s %d bytes in "
                     "%.2f s", entry.path, ranks.rank, loaded, "cached" if filled else "did not cache", written,
