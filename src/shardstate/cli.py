@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: the benchmark model's state from SeaweedFS on 127.0.0.1 (at --tp): shardstate's "
                             "per-rank fetch and load against plain boto3 downloads of the same bytes and of the "
                             "whole state")
+    bench.add_argument("--vllm", action="store_true",
+                       help="instead: vLLM starting the benchmark model with auto, sharded_state and shardstate's "
+                            "load format (miss, hit, state=s3://) at --tp (default 1 2), warm and cold")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -334,13 +337,22 @@ def run_bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}/quantized.json, quantized.md ({len(rows)} states), quantized-loads.json, "
               f"quantized-loads.md ({len(loads)} loads)")
         return
+    vllm_python = args.vllm_python or Path(".venv-vllm/bin/python")
+    if args.vllm:
+        from shardstate.benchmark.vllm_plugin import run_vllm_plugin
+
+        if not vllm_python.is_file():
+            raise ShardstateError("no vLLM for --vllm", vllm_python, "run `make test-vllm` once, or pass --vllm-python")
+        rows = run_vllm_plugin(args.out, args.cache_dir or cache_dir() / "bench", vllm_python,
+                               tuple(args.tp or (1, 2)), args.smoke)
+        print(f"wrote {args.out}/vllm-plugin.json, vllm-plugin.md ({len(rows)} rows)")
+        return
     if args.families:
         from shardstate.benchmark.families import run_families
 
         rows = run_families(args.out, args.cache_dir or cache_dir() / "bench", one_tp, args.smoke)
         print(f"wrote {args.out}/families.json, families.md ({len(rows)} runs)")
         return
-    vllm_python = args.vllm_python or Path(".venv-vllm/bin/python")
     results = bench(args.out, args.cache_dir or cache_dir() / "bench", args.smoke, tuple(args.tp or (1, 2, 4)),
                     vllm_python if vllm_python.is_file() else None)
     print(f"wrote {args.out}/results.json, results.md" + (", results.png" if (args.out / "results.png").exists()

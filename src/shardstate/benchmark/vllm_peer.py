@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 
@@ -34,7 +35,7 @@ def engine(model: str, tp: int, load_format: str, dtype: str, extra_config: dict
     return LLM(
         model=model, tensor_parallel_size=tp, dtype=dtype, enforce_eager=True, max_model_len=256,
         load_format=load_format, seed=0, skip_tokenizer_init=True, distributed_executor_backend="mp",
-        model_loader_extra_config=extra_config,
+        **({} if extra_config is None else {"model_loader_extra_config": extra_config}),
     )
 
 
@@ -59,9 +60,10 @@ def main() -> None:
         os.environ["DUMP_DIR"] = str(Path(args.dump).resolve())  # the workers inherit it
         os.environ.setdefault("VLLM_PLUGINS", "vllm_dumppre")
         load_format = "dumppre"
+    start = time.perf_counter()
     llm = engine(args.model, args.tp, load_format, args.dtype, args.extra_config)
     if args.command == "load":  # the engine is up: its log has "Loading weights took X seconds"
-        print(json.dumps({"loaded": args.model}))
+        print(json.dumps({"loaded": args.model, "start_seconds": time.perf_counter() - start}))
     elif args.command == "generate":
         from vllm import SamplingParams
 
