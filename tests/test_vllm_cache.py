@@ -74,7 +74,7 @@ def checkpoint_of(hf: Path, tp: int = TP) -> Checkpoint:
 def _fill_rank(rank: int, size: int, rendezvous: str, cache: str, hf: str, state: str, queue) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
     try:
-        entry = CacheEntry(Path(cache), entry_name(fields_of(Path(hf))))
+        entry = CacheEntry(Path(cache.format(rank=rank)), entry_name(fields_of(Path(hf))))
         lines: list[str] = []
         done = fill_entry(entry, fields_of(Path(hf)), rank_tensors(Path(state), rank), Ranks.of(),
                           checkpoint_of(Path(hf)), lines.append)
@@ -86,7 +86,9 @@ def _fill_rank(rank: int, size: int, rendezvous: str, cache: str, hf: str, state
         torch.distributed.destroy_process_group()
 
 
-def fill_with_ranks(cache: Path, hf: Path, state: Path, tmp: Path) -> list[tuple[int, bool, list[str]]]:
+def fill_with_ranks(cache: Path | str, hf: Path, state: Path, tmp: Path) -> list[tuple[int, bool, list[str]]]:
+    """Each rank in a process of its own, in one gloo group; `cache` may name each rank's own directory
+    ({rank}: as node-local caches on different nodes)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     procs = [context.Process(target=_fill_rank, args=(r, TP, str(tmp / "rdzv"), str(cache), str(hf), str(state),
@@ -107,8 +109,7 @@ def filled(source, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("filled")
     results = fill_with_ranks(tmp / "cache", hf, state, tmp)
     assert [(r, done) for r, done, _ in results] == [(0, True), (1, True)], results
-    (entry,) = [p for p in (tmp / "cache").iterdir() if not p.name.startswith(".")]
-    return entry
+    return only_entry_in(tmp / "cache")
 
 
 def test_entry_is_the_converted_state_byte_for_byte(filled, source):
@@ -119,6 +120,32 @@ def test_entry_is_the_converted_state_byte_for_byte(filled, source):
     assert sorted(p.name for p in filled.iterdir()) == sorted([*(p.name for p in state.iterdir()), "key.json"])
     leftovers = [p.name for p in filled.parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+def test_node_local_caches_each_hold_their_own_ranks(source, tmp_path):
+    """Ranks that do not share a cache directory (other nodes): each directory gets its own complete entry
+    of the ranks that see it, with the manifest of the whole state."""
+    hf, state = source
+    results = fill_with_ranks(str(tmp_path / "node-{rank}"), hf, state, tmp_path)
+    assert [(r, done) for r, done, _ in results] == [(0, True), (1, True)], results
+    for rank in range(TP):
+        entry = only_entry_in(tmp_path / f"node-{rank}")
+        assert sorted(p.name for p in entry.glob("*.safetensors")) == [f"model-rank-{rank}-part-0.safetensors"]
+        assert json.loads((entry / "key.json").read_text())["ranks"] == [rank]
+        assert (entry / MANIFEST_NAME).read_bytes() == (state / MANIFEST_NAME).read_bytes()
+        expected = rank_tensors(state, rank)
+        params = {name: torch.zeros_like(t) for name, t in expected.items()}
+        read_rank(open_sharded_state(entry), rank, params, verify=True)
+        assert all(torch.equal(params[n], expected[n]) for n in expected)
+    listed = subprocess.run([BIN / "shardstate", "cache", "list", "--json", "--cache-dir", tmp_path / "node-1"],
+                            capture_output=True, text=True, timeout=120)
+    (info,) = json.loads(listed.stdout)["entries"]
+    assert info["complete"] and info["ranks"] == [1]
+
+
+def only_entry_in(cache: Path) -> Path:
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    return entry
 
 
 def test_entry_reads_back_into_fresh_parameters(filled, source):
