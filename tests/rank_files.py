@@ -47,3 +47,14 @@ def rank_file_differences(ours: Path, theirs: Path, tp: int) -> list[str]:
             elif not a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8)):
                 problems.append(f"rank {rank}: {key} {list(a.shape)} values differ")
     return problems
+
+
+def stage_tensors(root: Path, pp: int, tp: int) -> dict:
+    """The tensors of stage `pp`, TP rank `tp` of a PP state (vLLM's `model-pp-P-tp-T-part-N` files)."""
+    tensors = {}
+    for path in sorted(root.glob(f"model-pp-{pp}-tp-{tp}-part-*.safetensors")):
+        for key, tensor in load_file(path).items():
+            assert key not in tensors, f"{key} twice in {root.name} pp {pp} tp {tp}"
+            tensors[key] = tensor
+    assert tensors, f"no files of pp {pp} tp {tp} in {root}"
+    return tensors

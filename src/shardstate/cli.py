@@ -19,6 +19,7 @@ from shardstate.io.engine import IO_MODES
 from shardstate.io.s3 import is_s3
 from shardstate.loaders import LOAD_FORMATS
 from shardstate.models import OpenedModel
+from shardstate.parallel.pipeline import MAX_PP
 from shardstate.quant.methods import METHODS
 from shardstate.runtime.llm import IO_THREADS_RANGE, TIMEOUT_RANGE_S
 from shardstate.spec import MAX_TP
@@ -86,6 +87,7 @@ def add_cache_option(parser: argparse.ArgumentParser) -> None:
 
 
 tp_size = int_in(1, MAX_TP)
+pp_size = int_in(1, MAX_PP)
 new_tokens = int_in(0, MAX_NEW_TOKENS)
 
 
@@ -94,12 +96,13 @@ def run_convert(args: argparse.Namespace) -> None:
 
     report = convert(args.src, args.out, args.tp, args.dtype, args.max_part_size, args.force,
                      show_progress=False if args.json else None, quantize=args.quantize, for_vllm=args.for_vllm,
-                     cache_dir=args.cache_dir)
+                     cache_dir=args.cache_dir, pp_size=args.pp)
     if args.json:
         print(json.dumps(dataclasses.asdict(report)))
         return
     rate = (report.bytes_read + report.bytes_written) / report.seconds / 1e9
-    print(f"converted {args.src} -> {args.out} at TP={args.tp}: {len(report.files)} files, read "
+    layout = f"TP={args.tp}" + (f" PP={args.pp}" if args.pp > 1 else "")
+    print(f"converted {args.src} -> {args.out} at {layout}: {len(report.files)} files, read "
           f"{report.bytes_read / 1e6:.1f} MB, wrote {report.bytes_written / 1e6:.1f} MB in "
           f"{report.seconds:.2f}s ({rate:.2f} GB/s read+write)")
 
@@ -116,7 +119,8 @@ def run_save(args: argparse.Namespace) -> None:
     with start_llm(args.src, args) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force,
                                        for_vllm=args.for_vllm)
-    print(f"saved {args.src} -> {args.out} at TP={args.tp}: {len(files)} files in {time.perf_counter() - start:.2f}s")
+    layout = f"TP={args.tp}" + (f" PP={args.pp}" if args.pp > 1 else "")
+    print(f"saved {args.src} -> {args.out} at {layout}: {len(files)} files in {time.perf_counter() - start:.2f}s")
 
 
 def run_upload(args: argparse.Namespace) -> None:
@@ -194,7 +198,7 @@ def start_llm(model: str | Path | OpenedModel, args: argparse.Namespace) -> LLM:
     dtype = None if isinstance(model, OpenedModel) else args.dtype
     return LLM(model, args.tp, args.load_format, dtype, io=args.io, io_threads=args.io_threads,
                verify=args.verify, timeout=args.timeout, quantize=getattr(args, "quantize", None),
-               cache_dir=getattr(args, "cache_dir", None))
+               cache_dir=getattr(args, "cache_dir", None), pipeline_parallel_size=getattr(args, "pp", 1))
 
 
 def add_quantize_option(parser: argparse.ArgumentParser, for_vllm: bool = False) -> None:
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", type=location, help="a HF checkpoint or sharded state (s3://bucket/prefix too)")
     conv.add_argument("out", type=location, help="a new directory, or an empty s3://bucket/prefix")
     conv.add_argument("--tp", type=tp_size, required=True)
+    conv.add_argument("--pp", type=pp_size, default=1,
+                      help="pipeline stages (layers split as vLLM splits them; VLLM_PP_LAYER_PARTITION overrides)")
     conv.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     conv.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE",
                       help="roll over to a new part file past SIZE (e.g. 300KB, 64MiB, 5GiB; default 5GiB)")
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_option(save)
     save.add_argument("out", type=location)
     save.add_argument("--tp", type=tp_size, required=True)
+    save.add_argument("--pp", type=pp_size, default=1, help="pipeline stages (vLLM's PP file names)")
     save.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
     save.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     save.add_argument("--max-part-size", type=parse_size, default=5 << 30, metavar="SIZE")
@@ -282,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", type=location, help="a Hugging Face model directory or a sharded state (local, or "
                                                    "s3://bucket/prefix)")
     add_cache_option(gen)
-    gen.add_argument("--tp", type=tp_size, default=1, help="tensor-parallel size (under torchrun: the world size)")
+    gen.add_argument("--tp", type=tp_size, default=1,
+                     help="tensor-parallel size (under torchrun: the world size over --pp)")
+    gen.add_argument("--pp", type=pp_size, default=1, help="pipeline stages of --tp ranks each")
     gen.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                      help="auto: sharded for a sharded state, else default")
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
@@ -311,8 +320,8 @@ def run_generate(args: argparse.Namespace) -> None:
         return
     from shardstate.runtime.prompts import prepare_prompts
 
-    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp, args.tp,
-                               args.cache_dir)
+    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, args.tp,
+                               args.tp * args.pp, args.cache_dir)
     with start_llm(prepared.model, args) as llm:  # MODEL opened once, prompts checked before any worker starts
         outputs = llm.generate(args.prompts, args.max_new_tokens, args.ignore_eos, args.logprobs)
         print_generation(outputs, llm.load_reports, args.json)

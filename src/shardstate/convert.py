@@ -1,9 +1,11 @@
-"""HF checkpoint (or a sharded state at another TP size) -> sharded state, offline in one process on CPU.
+"""HF checkpoint (or a sharded state at another layout) -> sharded state at TP x PP, offline in one process on
+CPU.
 
 Parameters are produced in the model's order: each one's source tensors are read whole, once (or merged
 from every saved rank when resharding), and every rank's slice of it is appended to that rank's current
 part file. Every output file is written front to back (large buffered writes, checksum on the fly), and
-memory holds one parameter's sources at a time."""
+memory holds one parameter's sources at a time. At PP>1 each stage's ranks get the parameters of that
+stage's model (its layers, and the embedding, norm and head where vLLM keeps them)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def convert(
     quantize: str | None = None,
     for_vllm: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    pp_size: int = 1,
 ) -> ConvertReport:
     """`show_progress` None: a progress line on stderr when it is a terminal. `quantize`: write the linear
     weights quantized (quant/), as `save --quantize` does; a quantized SRC stays quantized. `for_vllm`: a
@@ -68,7 +71,7 @@ def convert(
             with failing_as("cannot create a staging directory", staging, "free space in the cache directory"):
                 staging.mkdir()
             report = convert(src, staging / "state", tp_size, dtype, max_part_bytes, False, show_progress, quantize,
-                             for_vllm, cache_dir)
+                             for_vllm, cache_dir, pp_size)
             upload_state(staging / "state", str(out))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -81,38 +84,45 @@ def convert(
     src = model.directory.path  # absolute; an s3:// SRC's node cache
     config, torch_dtype, state = model.config, model.dtype, model.directory.state
     config.check_tp_size(tp_size)
+    stages = [TPGroup(0, tp_size, pp_rank=stage, pp_size=pp_size) for stage in range(pp_size)]
     quantize = quantize_after_load(model, quantize)
     if model.quantization is not None and torch_dtype != state.dtype:
         raise ShardstateError(f"the state is quantized; its other tensors stay {DTYPE_NAMES[state.dtype]}", src,
                               "convert without --dtype, or from the unquantized checkpoint")
     quantization = model.quantization or quantize
-    params = dict(build_on_meta(config, TPGroup(0, tp_size), torch_dtype, quantization).named_parameters())
-    plan = StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes,
-                          model.state_config_json(quantization, for_vllm), quantization=quantization)
+    config_json = model.state_config_json(quantization, for_vllm)
+    stage_params = [dict(build_on_meta(config, group, torch_dtype, quantization).named_parameters())
+                    for group in stages]
+    plans = [StatePlan.make(params, torch_dtype, config.num_hidden_layers, max_part_bytes, config_json,
+                            quantization=quantization, layers=group.stage_layers(config.num_hidden_layers),
+                            pp_size=pp_size)
+             for params, group in zip(stage_params, stages, strict=True)]
     with staged_output(out, src, force) as tmp, ReadAccount(model.directory.remote_weights()) as account:
         source: TensorSource = (
             CheckpointSource(src, model.specs(tp_size), account) if state is None else ShardedSource(model, account)
         )
         if quantize is not None:
             method = method_named(quantize)
-            quantized = {n for n, p in params.items() if p.dtype == method.dtype}
+            quantized = {n for params in stage_params for n, p in params.items() if p.dtype == method.dtype}
             source = QuantizingSource(source, method, torch_dtype, quantized)
-        writers = [plan.writer(tmp, rank) for rank in range(tp_size)]
+        writers = [plans[rank // tp_size].writer(tmp, rank) for rank in range(tp_size * pp_size)]
         source_sizes = account.sizes(source.files)
-        progress = Progress(f"convert to TP={tp_size}", sum(source_sizes.values()), show_progress)
+        layout = f"TP={tp_size}" + (f" PP={pp_size}" if pp_size > 1 else "")
+        progress = Progress(f"convert to {layout}", sum(source_sizes.values()), show_progress)
         try:
-            for name, param in params.items():
-                sources = source.tensors_for(name, param.spec)
-                for rank, writer in enumerate(writers):
-                    writer.write(name, param.spec.take(rank, sources, param.dtype))
-                progress.update(account.bytes_read)
-            for writer in writers:
-                plan.finish(writer)
+            for stage, params in enumerate(stage_params):
+                for name, param in params.items():
+                    sources = source.tensors_for(name, param.spec)
+                    for rank in range(tp_size):
+                        writers[stage * tp_size + rank].write(name, param.spec.take(rank, sources, param.dtype))
+                    progress.update(account.bytes_read)
+            for rank, writer in enumerate(writers):
+                plans[rank // tp_size].finish(writer)
         finally:
             progress.close()
             for writer in writers:
                 writer.abort()
-        manifest = complete_state(tmp, src, config, plan, [w.result() for w in writers],
+        manifest = complete_state(tmp, src, config, plans, [w.result() for w in writers],
                                   source_records(state, source_sizes))
     written = sum(f["size"] for f in manifest.files.values())
     return ConvertReport(time.perf_counter() - start, account.bytes_read, written, sorted(manifest.files))

@@ -9,12 +9,12 @@ from typing import Protocol
 
 import torch
 
+from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.sharded_state import check_specs, index_rank, warn_legacy
 from shardstate.io.engine import Scratch
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked, read_entries
 from shardstate.models import OpenedModel, build_on_meta
-from shardstate.parallel.distributed import TPGroup
 from shardstate.quant.apply import quantize_whole
 from shardstate.quant.methods import QuantMethod
 from shardstate.spec import ShardSpec
@@ -43,8 +43,8 @@ class CheckpointSource:
 
 
 class ShardedSource:
-    """Each parameter is read from every rank's files of the sharded state and merged with the specs of
-    the TP size it was saved at."""
+    """Each parameter is read from every TP rank's files of the sharded state (of the first stage holding
+    it, at PP>1) and merged with the specs of the TP size it was saved at."""
 
     def __init__(self, model: OpenedModel, account: ReadAccount):
         state = model.directory.state
@@ -52,21 +52,30 @@ class ShardedSource:
         if state.manifest is None:
             warn_legacy(state)
         self.tp_size = state.tp_size
-        saved = build_on_meta(model.config, TPGroup(0, self.tp_size), state.dtype, model.quantization)
-        self.params = dict(saved.named_parameters())  # as saved: specs at the saved TP size, each dtype
-        self.specs = {name: p.spec for name, p in self.params.items()}
+        stages = [dict(build_on_meta(model.config, group, state.dtype, model.quantization).named_parameters())
+                  for group in model.saved_stages()]  # as saved: specs at the saved TP size, each dtype
         if state.manifest is not None:
-            check_specs(state.manifest, self.specs, state.manifest_path)
-        needs = {name: (tuple(p.shape), p.dtype) for name, p in self.params.items()}
-        self.locations = [index_rank(state, rank, needs, account) for rank in range(self.tp_size)]
-        self.files = [path for rank in range(self.tp_size) for path in state.rank_paths(rank)]
+            check_specs(state.manifest, [{n: p.spec for n, p in params.items()} for params in stages],
+                        state.manifest_path)
+        # the parameter's source tensors -> (the parameter as saved, where each TP rank of the first stage
+        # holding it has it); by sources, not name: a tied embedding is `lm_head.weight` where the head is
+        # and `model.embed_tokens.weight` on a first stage without it
+        self.saved: dict[tuple[str, ...], tuple[torch.Tensor, list[TensorLocation]]] = {}
+        for stage, params in enumerate(stages):
+            needs = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
+            ranks = [index_rank(state, stage * self.tp_size + rank, needs, account) for rank in range(self.tp_size)]
+            for name, param in params.items():
+                self.saved.setdefault(tuple(sorted(param.spec.sources())),
+                                      (param, [locations[name] for locations in ranks]))
+        self.files = [path for rank in range(state.world_size) for path in state.rank_paths(rank)]
         self.account = account
         self.scratch = Scratch()
 
     def tensors_for(self, name: str, spec: ShardSpec) -> dict[str, torch.Tensor]:
-        saved, dtype = self.specs[name], self.params[name].dtype
-        whole = {source: torch.empty(shape, dtype=dtype) for source, shape in saved.sources().items()}
-        local = read_entries([locations[name] for locations in self.locations], self.account, self.scratch)
+        param, locations = self.saved[tuple(sorted(spec.sources()))]
+        saved = param.spec
+        whole = {source: torch.empty(shape, dtype=param.dtype) for source, shape in saved.sources().items()}
+        local = read_entries(locations, self.account, self.scratch)
         for rank, tensor in enumerate(local):
             saved.put(rank, tensor, whole)
         return whole

@@ -35,7 +35,7 @@ def checked_state(root: Path) -> ShardedState:
     so neither prints what a load refuses."""
     state = open_sharded_state(root)
     model = open_model(open_model_dir(root))
-    check_specs(state.manifest, model.specs(state.tp_size), state.manifest_path)
+    check_specs(state.manifest, model.state_specs(), state.manifest_path)
     return state
 
 
@@ -58,12 +58,14 @@ def inspect_state(root: Path, remote: RemoteFiles | None = None) -> dict:
     manifest = checked_state(root).manifest
     ranks = []
     with ReadAccount(remote) as account:
-        for rank in range(manifest.tp_size):
+        for rank in range(manifest.world_size):
             names = manifest.rank_files(rank)
             files = [{"name": n, "size": manifest.files[n]["size"],
                       "problem": _record_problem(root, n, manifest, account)[0]} for n in names]
+            stage = {"pp": rank // manifest.tp_size, "tp": rank % manifest.tp_size} if manifest.pp_size > 1 else {}
             ranks.append({
                 "rank": rank,
+                **stage,
                 "files": files,
                 "tensors": len(manifest.tensors[str(rank)]),
                 "bytes": sum(manifest.files[n]["size"] for n in names),

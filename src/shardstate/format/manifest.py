@@ -2,9 +2,12 @@
 directory is complete.
 
 The manifest is read against an explicit schema: every field's type and range, the keys required and
-no others, cross-checks (each file's name is the pattern at its rank and part; every rank 0..tp-1 has
+no others, cross-checks (each file's name is the pattern at its rank and part; every rank 0..tp*pp-1 has
 parts 0..n-1; each tensor lies in a file of its own rank; specs parse and give the recorded shape). A
-wrong field is one ShardstateError naming it, found before anything is allocated from its values."""
+wrong field is one ShardstateError naming it, found before anything is allocated from its values.
+
+At PP>1 a file's `rank` is its world rank, pp * tp_size + tp (vLLM's order), and its record also holds
+`pp` and `tp`; its name is vLLM's PP pattern. A PP=1 manifest is exactly what it was before PP."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from shardstate.errors import ShardstateError, brief
 from shardstate.format.safetensors_header import DTYPES
 from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import read_regular
+from shardstate.parallel.pipeline import MAX_PP
 from shardstate.spec import MAX_TP, ShardSpec, spec_from_json
 
 MANIFEST_NAME = "shardstate.json"
@@ -29,6 +33,7 @@ FORMAT_NAME = "shardstate"
 FORMAT_VERSION = 2  # written; 1 is still read (specs joined on dim 0, no regions or experts)
 READ_VERSIONS = (1, 2)
 PP1_PATTERN = "model-rank-{rank}-part-{part}.safetensors"  # vLLM's, so vLLM can load the files
+PP_PATTERN = "model-pp-{pp}-tp-{tp}-part-{part}.safetensors"  # vLLM's at PP>1 (its {pp_rank}, {tp_rank})
 CHECKSUM = "crc32"
 CONSTANT_KIND = "constant"  # a tensor vLLM's loader needs, every element `value` (its F32 scale scalars)
 CONSTANT_SHAPES = ([], [1])
@@ -47,6 +52,7 @@ HEX16 = re.compile(r"[0-9a-f]{16}")
 FIELDS = ("format", "version", "checksum", "state_id", "tp_size", "pp_size", "pattern", "architecture",
           "config_sha256", "dtype", "quantization", "source", "side_files", "files", "tensors")
 FILE_FIELDS = {"rank", "part", "size", "crc32"}
+PP_FILE_FIELDS = FILE_FIELDS | {"pp", "tp"}
 TENSOR_FIELDS = {"file", "dtype", "shape", "global_shape", "spec", "xxh3_64"}
 TODO = "re-create the sharded state (shardstate convert or save)"
 
@@ -77,6 +83,11 @@ class Manifest:
             "quantization": self.quantization, "source": self.source, "side_files": self.side_files,
             "files": self.files, "tensors": self.tensors,
         }
+
+    @property
+    def world_size(self) -> int:
+        """Ranks (each with its own files): tp_size * pp_size."""
+        return self.tp_size * self.pp_size
 
     def rank_files(self, rank: int) -> list[str]:
         """Rank `rank`'s file names in part order."""
@@ -116,28 +127,44 @@ def state_id_of(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def rank_file_metadata(state_id: str, rank: int, tp_size: int, part: int) -> dict[str, str]:
+def rank_file_metadata(state_id: str, rank: int, tp_size: int, part: int, pp_size: int = 1) -> dict[str, str]:
     """What every rank file says of itself in its safetensors metadata: which state, rank, TP size and part
-    it belongs to (so a file from another state or rank is refused even when the manifest was edited).
-    "writer" tells shardstate's files from vLLM's, which carry none of this."""
-    return {"format": "pt", "writer": WRITER, "state": state_id, "rank": str(rank), "tp_size": str(tp_size),
-            "part": str(part)}
+    it belongs to (so a file from another state or rank is refused even when the manifest was edited), and
+    at PP>1 the PP size (`rank` is then the world rank). "writer" tells shardstate's files from vLLM's,
+    which carry none of this."""
+    metadata = {"format": "pt", "writer": WRITER, "state": state_id, "rank": str(rank), "tp_size": str(tp_size),
+                "part": str(part)}
+    return metadata | ({"pp_size": str(pp_size)} if pp_size > 1 else {})
 
 
-def check_pattern(pattern: str) -> str:
-    """A file-name pattern: literal text and bare {rank} and {part} fields only (no format specs, no
-    indexing: a pattern is formatted for every file), naming a file inside the directory."""
+def file_name(pattern: str, rank: int, part: int, tp_size: int) -> str:
+    """World rank `rank`'s part `part` named by `pattern` (PP=1: {rank}; PP>1: {pp} and {tp})."""
+    return pattern.format(rank=rank, pp=rank // tp_size, tp=rank % tp_size, part=part)
+
+
+def stage_pattern(pattern: str, rank: int, tp_size: int) -> str:
+    """`pattern` with world rank `rank`'s {pp} and {tp} filled in, its {part} left (what RankWriter
+    formats, with {rank}, for each part)."""
+    return pattern.replace("{pp}", str(rank // tp_size)).replace("{tp}", str(rank % tp_size))
+
+
+def check_pattern(pattern: str, pp_size: int = 1) -> str:
+    """A file-name pattern: literal text and bare {rank} and {part} fields only ({pp}, {tp} and {part} at
+    PP>1; no format specs, no indexing: a pattern is formatted for every file), naming a file inside the
+    directory."""
     try:
         fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(
             pattern[:MAX_PATTERN]) if field is not None]
     except ValueError:  # unbalanced braces
         fields = []
-    bare = sorted(fields) == [("part", "", None), ("rank", "", None)]
+    names = ("part", "rank") if pp_size == 1 else ("part", "pp", "tp")
+    bare = sorted(fields) == [(name, "", None) for name in names]
     if len(pattern) > MAX_PATTERN or not bare or not is_plain_name(
-            pattern.format(rank=MAX_TP, part=MAX_PARTS_PER_RANK)):
+            pattern.format(rank=MAX_TP, pp=MAX_PP, tp=MAX_TP, part=MAX_PARTS_PER_RANK)):
+        example = PP1_PATTERN if pp_size == 1 else PP_PATTERN
         raise ShardstateError(
             f"file-name pattern {brief(pattern)} is not usable", None,
-            f"use one with {{rank}} and {{part}} and no directory, like {PP1_PATTERN!r}",
+            f"use one with {' and '.join(f'{{{n}}}' for n in reversed(names))} and no directory, like {example!r}",
         )
     if not pattern.endswith(".safetensors"):
         raise ShardstateError(f"file-name pattern {brief(pattern)} does not end in .safetensors", None, "add it")
@@ -250,13 +277,16 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
     if doc["checksum"] != CHECKSUM:
         raise r.fail("'checksum'", f"is {brief(doc['checksum'])}, not {CHECKSUM!r}")
     tp_size = r.integer("'tp_size'", doc["tp_size"], 1, MAX_TP)
-    r.integer("'pp_size'", doc["pp_size"], 1, 1)
+    pp_size = r.integer("'pp_size'", doc["pp_size"], 1, MAX_PP)
+    if pp_size > 1 and version == 1:
+        raise r.fail("'pp_size'", f"is {pp_size}: version 1 states are never pipeline-parallel")
     try:
-        pattern = check_pattern(doc["pattern"]) if isinstance(doc["pattern"], str) else None
+        pattern = check_pattern(doc["pattern"], pp_size) if isinstance(doc["pattern"], str) else None
     except ShardstateError:
         pattern = None
     if pattern is None:
-        raise r.fail("'pattern'", f"is {brief(doc['pattern'])}, not a file-name pattern with {{rank}} and {{part}}")
+        fields = "{rank} and {part}" if pp_size == 1 else "{pp}, {tp} and {part}"
+        raise r.fail("'pattern'", f"is {brief(doc['pattern'])}, not a file-name pattern with {fields}")
     quantization = doc["quantization"]
     if quantization is not None and version == 1:
         raise r.fail("'quantization'", f"is {brief(quantization)}: version 1 states are never quantized")
@@ -276,8 +306,9 @@ def parse_manifest(doc: object, path: Path) -> Manifest:
         dtype=dtype,
         source=_source(r, doc["source"]),
         side_files=_side_files(r, doc["side_files"]),
-        files=_files(r, doc["files"], tp_size, pattern),
+        files=_files(r, doc["files"], tp_size, pp_size, pattern),
         tensors={},
+        pp_size=pp_size,
         pattern=pattern,
         quantization=quantization,
         version=version,
@@ -303,33 +334,36 @@ def _side_files(r: _Reader, value: object) -> list[str]:
     return names
 
 
-def _files(r: _Reader, value: object, tp_size: int, pattern: str) -> dict[str, dict]:
+def _files(r: _Reader, value: object, tp_size: int, pp_size: int, pattern: str) -> dict[str, dict]:
     files = r.obj("'files'", value)
     parts: dict[int, set[int]] = {}
     for name, record in files.items():
         r.name("'files'", name)
         field = f"files[{name!r}]"
-        r.obj(field, record, FILE_FIELDS)
-        rank = r.integer(f"{field}.rank", record["rank"], 0, tp_size - 1)
+        r.obj(field, record, FILE_FIELDS if pp_size == 1 else PP_FILE_FIELDS)
+        rank = r.integer(f"{field}.rank", record["rank"], 0, tp_size * pp_size - 1)
         part = r.integer(f"{field}.part", record["part"], 0, MAX_PARTS_PER_RANK - 1)
         r.integer(f"{field}.size", record["size"], 8, MAX_FILE_BYTES)
         r.integer(f"{field}.crc32", record["crc32"], 0, (1 << 32) - 1)
-        if name != pattern.format(rank=rank, part=part):
+        if pp_size > 1 and (record["pp"], record["tp"]) != (rank // tp_size, rank % tp_size):
+            raise r.fail(field, f"says pp {brief(record['pp'])} tp {brief(record['tp'])}, but rank {rank} is pp "
+                                f"{rank // tp_size} tp {rank % tp_size} (tp_size {tp_size})")
+        if name != file_name(pattern, rank, part, tp_size):
             raise r.fail(field, f"says rank {rank} part {part}, but that file would be named "
-                                f"{pattern.format(rank=rank, part=part)}")
+                                f"{file_name(pattern, rank, part, tp_size)}")
         parts.setdefault(rank, set()).add(part)
-    for rank in range(tp_size):
+    for rank in range(tp_size * pp_size):
         found = parts.get(rank, set())
         if found != set(range(len(found))) or not found:
             raise r.fail("'files'", f"has parts {sorted(found)[:8]} for rank {rank}, not 0..n-1 (tp_size is "
-                                    f"{tp_size})")
+                                    f"{tp_size}" + (f", pp_size {pp_size})" if pp_size > 1 else ")"))
     return files
 
 
 def _tensors(r: _Reader, value: object, manifest: Manifest) -> dict[str, dict[str, dict]]:
     ranks = r.obj("'tensors'", value)
-    if set(ranks) != {str(rank) for rank in range(manifest.tp_size)}:
-        raise r.fail("'tensors'", f"has ranks {brief(sorted(ranks))}, not 0..{manifest.tp_size - 1}")
+    if set(ranks) != {str(rank) for rank in range(manifest.world_size)}:
+        raise r.fail("'tensors'", f"has ranks {brief(sorted(ranks))}, not 0..{manifest.world_size - 1}")
     used: set[str] = set()
     for rank, tensors in ranks.items():
         specs = manifest.specs[rank] = {}

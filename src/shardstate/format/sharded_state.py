@@ -33,6 +33,7 @@ from shardstate.spec import ShardSpec
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
 LEGACY_FILE = re.compile(r"model-rank-(\d+)-part-(\d+)\.safetensors")
+LEGACY_PP_FILE = re.compile(r"model-pp-(\d+)-tp-(\d+)-part-(\d+)\.safetensors")  # vLLM's at PP>1
 
 
 # Tied embeddings are saved as vLLM saves them, `lm_head.weight`; states from before kept the other name.
@@ -72,17 +73,29 @@ class ShardedState:
         return [self.root / name for name in self.manifest.rank_files(rank)]
 
 
-def _legacy_files(root: Path) -> dict[int, list[Path]]:
-    found: dict[int, list[tuple[int, Path]]] = {}
-    for path in root.glob("model-rank-*-part-*.safetensors"):
-        match = LEGACY_FILE.fullmatch(path.name)
-        if match:
-            found.setdefault(int(match[1]), []).append((int(match[2]), path))
-    return {rank: [p for _, p in sorted(parts)] for rank, parts in sorted(found.items())}
+def _legacy_files(root: Path) -> tuple[dict[int, list[Path]], int]:
+    """vLLM's rank files by world rank, and the PP size: `model-rank-R-part-N`, or at PP>1
+    `model-pp-P-tp-T-part-N` (world rank P * tp_size + T)."""
+    found: dict[tuple[int, int], list[tuple[int, Path]]] = {}  # (pp, tp) -> (part, file)
+    kinds = set()
+    for path in root.glob("model-*-part-*.safetensors"):
+        if match := LEGACY_FILE.fullmatch(path.name):
+            stage, rank, part = 0, int(match[1]), int(match[2])
+        elif match := LEGACY_PP_FILE.fullmatch(path.name):
+            stage, rank, part = int(match[1]), int(match[2]), int(match[3])
+        else:
+            continue
+        kinds.add(match.re)
+        found.setdefault((stage, rank), []).append((part, path))
+    if len(kinds) > 1:
+        raise ShardstateError("both vLLM's TP-only and its PP rank file names", root, "keep one state per directory")
+    tp_size = 1 + max((tp for _, tp in found), default=-1)
+    pp_size = 1 + max((pp for pp, _ in found), default=0)
+    return {pp * tp_size + tp: [p for _, p in sorted(parts)] for (pp, tp), parts in sorted(found.items())}, pp_size
 
 
 def is_sharded_state(root: Path) -> bool:
-    return (root / MANIFEST_NAME).exists() or bool(_legacy_files(root))
+    return (root / MANIFEST_NAME).exists() or bool(_legacy_files(root)[0])
 
 
 def open_sharded_state(root: Path, allow_legacy: bool = False, config_bytes: bytes | None = None) -> ShardedState:
@@ -101,7 +114,7 @@ def open_sharded_state(root: Path, allow_legacy: bool = False, config_bytes: byt
                 "restore config.json or convert again",
             )
         return ShardedState(root, manifest, manifest.tp_size, DTYPES[manifest.dtype], {}, manifest.pp_size)
-    legacy = _legacy_files(root)
+    legacy, pp_size = _legacy_files(root)
     headers = [read_header(paths[0]) for paths in legacy.values()]
     if not allow_legacy or not legacy or any(h.metadata.get("writer") == WRITER for h in headers):
         raise ShardstateError(
@@ -111,7 +124,7 @@ def open_sharded_state(root: Path, allow_legacy: bool = False, config_bytes: byt
     if sorted(legacy) != list(range(len(legacy))):
         raise ShardstateError(f"rank files for ranks {sorted(legacy)}, not 0..N-1", root, "restore the missing ranks")
     dtypes = [e.dtype for h in headers for e in h.tensors.values() if e.dtype.is_floating_point and e.shape]
-    return ShardedState(root, None, len(legacy), dtypes[0] if dtypes else torch.float32, legacy)
+    return ShardedState(root, None, len(legacy) // pp_size, dtypes[0] if dtypes else torch.float32, legacy, pp_size)
 
 
 def check_inside(path: Path, root: Path) -> None:
@@ -158,11 +171,11 @@ def check_rank_file(manifest: Manifest, path: Path, header: SafetensorsHeader, s
         raise ShardstateError(f"size {size}, manifest says {record['size']}", path, "re-create the sharded state")
 
 
-def check_specs(manifest: Manifest, stage_specs: dict[str, ShardSpec] | list[dict[str, ShardSpec]],
+def check_specs(manifest: Manifest, stage_specs: dict[str, ShardSpec] | list[dict[str, ShardSpec] | None],
                 path: Path) -> None:
     """Every rank's tensors are exactly the model's parameters (plus constants), each recorded with the
     spec the model would cut it with: a state laid out for another model is refused before loading.
-    `stage_specs`: the model's specs, or at PP>1 each stage's."""
+    `stage_specs`: the model's specs, or at PP>1 each stage's (None: not checked)."""
     opaque = next((name for name, record in manifest.tensors["0"].items() if record["spec"] is None), None)
     if opaque is not None:
         raise ShardstateError(
@@ -172,6 +185,8 @@ def check_specs(manifest: Manifest, stage_specs: dict[str, ShardSpec] | list[dic
         )
     for rank, recorded in manifest.specs.items():
         specs = stage_specs[int(rank) // manifest.tp_size] if isinstance(stage_specs, list) else stage_specs
+        if specs is None:  # a stage not checked here (another process loads it)
+            continue
         params = {model_name(n, specs): n for n in recorded}
         if set(params) != set(specs):
             extra, lacking = sorted(set(params) - set(specs)), sorted(set(specs) - set(params))

@@ -14,7 +14,6 @@ from shardstate.loaders.scatter import load_scatter
 from shardstate.loaders.sharded import load_sharded
 from shardstate.loaders.sliced import load_sliced
 from shardstate.memory import peak_rss_bytes
-from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
 
 LOADERS = {"default": load_default, "sliced": load_sliced, "scatter": load_scatter, "sharded": load_sharded}
@@ -35,12 +34,13 @@ def resolve_load_format(load_format: str, directory: ModelDir) -> str:
 
 def load_weights(
     load_format: str, model: nn.Module, directory: ModelDir, rank: int, io: IOOptions | None = None,
-    saved_specs: dict[str, ShardSpec] | None = None,
+    saved: list[dict[str, torch.Tensor]] | None = None,
 ) -> LoadReport:
     """Fill `model`'s materialised parameters from `model_dir` with the named strategy and move them to
-    `io.device` (a no-op for parameters the sharded loader put there); time both. `saved_specs`: a sharded
-    state's specs at the TP size it was saved at, when that is not the model's (resharded while loading)."""
-    target = LoadTarget.of(model, rank, io, saved_specs)
+    `io.device` (a no-op for parameters the sharded loader put there); time both. `saved`: a sharded
+    state's parameters per stage as saved (on meta, with their specs), when its layout is not the model's
+    (resharded while loading)."""
+    target = LoadTarget.of(model, rank, io, saved)
     loader = LOADERS[resolve_load_format(load_format, directory)]
     start = time.perf_counter()
     account = loader(target, directory)
@@ -51,10 +51,11 @@ def load_weights(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak_rss = peak_rss_bytes()
-    resharded_from = directory.state.tp_size if saved_specs is not None and directory.state is not None else None
-    return LoadReport(rank, seconds, account.bytes_read, account.files, account.bytes_mapped, peak_rss,
+    state = directory.state if saved is not None else None  # resharded from that state's layout
+    resharded_from = None if state is None else state.tp_size
+    return LoadReport(target.file_rank, seconds, account.bytes_read, account.files, account.bytes_mapped, peak_rss,
                       fetch.bytes_fetched, fetch.fetched, fetch.cached, fetch.seconds, resharded_from,
-                      account.unverified)
+                      account.unverified, None if state is None else state.pp_size)
 
 
 __all__ = ["LOADERS", "LOAD_FORMATS", "IOOptions", "LoadReport", "load_weights", "resolve_load_format"]

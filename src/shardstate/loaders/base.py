@@ -33,6 +33,7 @@ class LoadReport:
     fetch_seconds: float = 0.0  # included in `seconds`
     resharded_from: int | None = None  # a state saved at this TP size, resharded while loading
     unverified_tensors: int = 0  # --verify on a reshard: saved tensors read only in part (no digest to check)
+    resharded_from_pp: int | None = None  # ...and at this PP size
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,16 +52,36 @@ class LoadTarget:
     """The rank's parameters (materialised, uninitialised) and the specs that say how to fill them.
     Loaders fill them in place, or (sharded) rebind them to views of the memory they read into."""
 
-    rank: int
+    rank: int  # in the TP group (what the specs cut for)
     params: dict[str, nn.Parameter]
     specs: dict[str, ShardSpec]
     io: IOOptions = IOOptions()
-    saved_specs: dict[str, ShardSpec] | None = None  # a state saved at another TP size: its specs (reshard)
+    # a state saved at another layout: each saved stage's parameters on meta, with their specs (reshard)
+    saved: list[dict[str, torch.Tensor]] | None = None
+    world_rank: int | None = None  # PP>1: pp_rank * tp_size + rank, whose files a sharded state has; None: rank
+    pp_size: int = 1
+    elsewhere: frozenset[str] = frozenset()  # PP>1: checkpoint tensors only other stages use
 
     @classmethod
     def of(cls, model: nn.Module, rank: int, io: IOOptions | None = None,
-           saved_specs: dict[str, ShardSpec] | None = None) -> LoadTarget:
-        return cls(rank, dict(model.named_parameters()), model.shard_specs(), io or IOOptions(), saved_specs)
+           saved: list[dict[str, torch.Tensor]] | None = None) -> LoadTarget:
+        group = getattr(model, "group", None)
+        world_rank, pp_size, elsewhere = None, 1, frozenset()
+        if group is not None and group.pp_size > 1:
+            world_rank, pp_size = group.pp_rank * group.size + rank, group.pp_size
+            mine = {source for spec in model.shard_specs().values() for source in spec.sources()}
+            elsewhere = frozenset(model.checkpoint_sources() - mine)
+        return cls(rank, dict(model.named_parameters()), model.shard_specs(), io or IOOptions(), saved,
+                   world_rank, pp_size, elsewhere)
+
+    @property
+    def file_rank(self) -> int:
+        """The rank whose files a sharded state at this layout holds for this process (its world rank)."""
+        return self.rank if self.world_rank is None else self.world_rank
+
+    @property
+    def stage(self) -> int:
+        return self.file_rank // self.tp_size
 
     @property
     def tp_size(self) -> int:
@@ -78,9 +99,11 @@ class LoadTarget:
         return result
 
 
-def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAccount) -> Checkpoint:
+def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAccount,
+                 elsewhere: frozenset[str] = frozenset()) -> Checkpoint:
     """Open the checkpoint and refuse it, naming file and tensor, unless it has exactly the tensors the
-    specs need with exactly the shapes they need (extra tensors only from IGNORED_SUFFIXES or a tied head)."""
+    specs need with exactly the shapes they need (extra tensors only from IGNORED_SUFFIXES, a tied head, or
+    `elsewhere`: those other pipeline stages load)."""
     checkpoint = open_checkpoint(model_dir, account)
     for header in checkpoint.headers:
         account.note_header(header.path, header.data_start)
@@ -106,7 +129,7 @@ def open_checked(specs: dict[str, ShardSpec], model_dir: Path, account: ReadAcco
             )
     tied_head = "lm_head.weight" if "lm_head.weight" not in needed else None
     for name, location in checkpoint.tensors.items():
-        if name not in needed and name != tied_head and not name.endswith(IGNORED_SUFFIXES):
+        if name not in needed and name not in elsewhere and name != tied_head and not name.endswith(IGNORED_SUFFIXES):
             raise ShardstateError(
                 f"unexpected tensor '{name}'", location.file,
                 "the weights do not match config.json's architecture; check the checkpoint",

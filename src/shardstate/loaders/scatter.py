@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import Checkpoint
 from shardstate.io.engine import Scratch
 from shardstate.io.reader import ReadAccount
@@ -42,6 +43,9 @@ def deal(specs: dict[str, ShardSpec], checkpoint: Checkpoint, ranks: int) -> dic
 
 
 def load_scatter(target: LoadTarget, directory: ModelDir) -> ReadAccount:
+    if target.pp_size > 1:
+        raise ShardstateError("--load-format scatter deals the parameters out over all ranks, which at PP>1 hold "
+                              "different ones", None, "use --load-format default or sliced with --pp")
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     nccl = ranks > 1 and dist.get_backend() == "nccl"
     device = torch.device(target.io.device) if nccl else torch.device("cpu")  # where collectives run

@@ -29,24 +29,34 @@ from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
 from shardstate.store.remote import load_rank_files
 
+Stages = list[dict[str, torch.Tensor]]  # each pipeline stage's parameters (on meta, each with its `.spec`)
 
-def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch.dtype, verify: bool,
-                  saved_specs: dict[str, ShardSpec] | None = None) -> ShardedState:
-    """The directory's sharded state, refused unless a model with `specs` running `dtype` can load it:
-    same dtype, every tensor recorded with the model's own layout at the saved TP size; at another TP size
-    than the running one, only with `saved_specs` (the model's specs at the saved size: resharded on load)
-    and a manifest (whose specs say how the saved tensors were cut)."""
+
+def layout(tp_size: int, pp_size: int, options: bool = False) -> str:
+    """"TP=2", "TP=2 PP=2", or as options "--tp 2 --pp 2" (PP only where it is not 1)."""
+    tp, pp = ("--tp {}", " --pp {}") if options else ("TP={}", " PP={}")
+    return tp.format(tp_size) + (pp.format(pp_size) if pp_size > 1 else "")
+
+
+def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec] | list[dict[str, ShardSpec] | None],
+                  dtype: torch.dtype, verify: bool, saved: Stages | None = None) -> ShardedState:
+    """The directory's sharded state, refused unless a model with `specs` (each stage's at PP>1; None for a
+    stage not checked here) running `dtype` can load it: same dtype, every tensor recorded with the model's
+    own layout at the saved layout; at another layout than the running one, only with `saved` (the model as
+    saved: resharded on load) and a manifest (whose specs say how the saved tensors were cut)."""
     state, model_dir = directory.state, directory.path
     if state is None:
         raise ShardstateError("no shardstate.json (the directory is incomplete or not a sharded state)", model_dir,
                               "re-run `shardstate convert`")
-    running_tp = next(iter(specs.values())).tp_size
-    if state.tp_size != running_tp and (state.manifest is None or saved_specs is None):
+    stage_specs = specs if isinstance(specs, list) else [specs]
+    running = next(iter(next(s for s in stage_specs if s is not None).values())).tp_size, len(stage_specs)
+    if (state.tp_size, state.pp_size) != running and (state.manifest is None or saved is None):
         why = (": a directory without shardstate.json (written by vLLM?) records no specs to reshard from"
                if state.manifest is None else "")
         raise ShardstateError(
-            f"saved for TP={state.tp_size}, running TP={running_tp}{why}", model_dir,
-            f"run with --tp {state.tp_size}, or `shardstate convert {model_dir} OUT --tp {running_tp}`",
+            f"saved for {layout(state.tp_size, state.pp_size)}, running {layout(*running)}{why}", model_dir,
+            f"run with {layout(state.tp_size, state.pp_size, True)}, or "
+            f"`shardstate convert {model_dir} OUT {layout(*running, True)}`",
         )
     if state.dtype != dtype:
         saved = DTYPE_NAMES[state.dtype]
@@ -58,47 +68,47 @@ def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec], dtype: torch
         raise ShardstateError("--verify needs checksums, and a directory without shardstate.json has none",
                               model_dir, "load without --verify, or convert it into a sharded state first")
     if state.manifest is not None:
-        check_specs(state.manifest, specs if state.tp_size == running_tp else saved_specs, state.manifest_path)
+        check_specs(state.manifest, stage_specs if saved is None else [{n: p.spec for n, p in params.items()}
+                                                                       for params in saved], state.manifest_path)
     return state
 
 
-def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor], dtype: torch.dtype,
-                         verify: bool, saved_specs: dict[str, ShardSpec] | None = None) -> None:
+def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor] | Stages, dtype: torch.dtype,
+                         verify: bool, saved: Stages | None = None) -> None:
     """What the driver checks before it starts any worker: `open_for_load`, and every saved rank's file
-    headers against the manifest and the model's parameters (`params`, on the meta device, each with its
-    `.spec`; at the saved TP size `saved_specs` give the shapes; the workers check their own again)."""
-    state = open_for_load(directory, {name: p.spec for name, p in params.items()}, dtype, verify, saved_specs)
+    headers against the manifest and the model's parameters (`params`, each stage's at PP>1, on the meta
+    device, each with its `.spec`; a state at another layout against `saved`; the workers check their own
+    again)."""
+    stages = params if isinstance(params, list) else [params]
+    state = open_for_load(directory, [{name: p.spec for name, p in s.items()} for s in stages], dtype, verify, saved)
     if directory.remote is not None:  # the rank files are not here yet: each rank checks its own as it loads
         return
-    needs = needs_of(params, saved_specs)
+    as_saved = stages if saved is None else saved
     with ReadAccount() as account:
-        for rank in range(state.tp_size):
-            index_rank(state, rank, needs, account)
+        for rank in range(state.world_size):
+            index_rank(state, rank, needs_of(as_saved[rank // state.tp_size]), account)
 
 
-def needs_of(params: dict[str, torch.Tensor], saved_specs: dict[str, ShardSpec] | None = None,
-             ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Each tensor's shape and dtype in the rank files: the parameters' own, or (`saved_specs`, a state
-    saved at another TP size) the shapes at the saved size."""
-    if saved_specs is None:
-        return {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
-    return {name: (saved_specs[name].local_shape(), p.dtype) for name, p in params.items()}
+def needs_of(params: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each tensor's shape and dtype in the rank files: the parameters' own."""
+    return {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
 
 
 def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
     dtype = next(iter(target.params.values())).dtype
-    state = open_for_load(directory, target.specs, dtype, target.io.verify, target.saved_specs)
-    if state.tp_size != target.tp_size:
-        return load_resharded(target, directory, state, needs_of(target.params, target.saved_specs))
-    if state.manifest is None and target.rank == 0:
+    specs = [target.specs if stage == target.stage else None for stage in range(target.pp_size)]
+    state = open_for_load(directory, specs, dtype, target.io.verify, target.saved)
+    if (state.tp_size, state.pp_size) != (target.tp_size, target.pp_size):
+        return load_resharded(target, directory, state)
+    if state.manifest is None and target.file_rank == 0:
         warn_legacy(state)
     needs = needs_of(target.params)
     with ReadAccount() as account:
         io = target.io
         fetched: dict[Path, torch.Tensor] = {}  # an s3:// state's files: whole, in memory, crc32 checked
         if directory.remote is not None and state.manifest is not None:
-            fetched = load_rank_files(directory.remote, state.manifest, target.rank, account, io.threads)
-        locations = index_rank(state, target.rank, needs, account)
+            fetched = load_rank_files(directory.remote, state.manifest, target.file_rank, account, io.threads)
+        locations = index_rank(state, target.file_rank, needs, account)
         by_file: dict[Path, list[str]] = {}
         for name, location in locations.items():
             by_file.setdefault(location.file, []).append(name)
@@ -107,7 +117,7 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
             Span(path, min(locations[n].entry.begin for n in names), max(locations[n].entry.end for n in names))
             for path, names in sorted(by_file.items()) if path not in fetched
         ]
-        records = state.manifest.tensors[str(target.rank)] if io.verify else {}
+        records = state.manifest.tensors[str(target.file_rank)] if io.verify else {}
         on_disk = {name: location for name, location in locations.items() if location.file not in fetched}
         streaming = expected_digests(records, on_disk) if io.verify and io.mode == "read" else None
         if io.device != "cpu" and io.mode == "read":

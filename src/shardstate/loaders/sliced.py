@@ -11,7 +11,7 @@ from shardstate.store.model_dir import ModelDir
 
 def load_sliced(target: LoadTarget, directory: ModelDir) -> ReadAccount:
     with ReadAccount(directory.remote_weights()) as account:
-        checkpoint = open_checked(target.specs, directory.path, account)
+        checkpoint = open_checked(target.specs, directory.path, account, target.elsewhere)
         read_boxes([(checkpoint.tensors[copy.source], dest, copy) for dest, copy in target.zero_padding_and_plan()],
                    account)
     return account

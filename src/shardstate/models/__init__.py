@@ -70,11 +70,49 @@ class OpenedModel:
         """Parameter name -> spec at `tp_size` (the same for every rank)."""
         return self.build_on_meta(TPGroup(0, tp_size)).shard_specs()
 
-    def saved_specs(self, tp_size: int) -> dict[str, ShardSpec] | None:
-        """The specs a sharded state saved at another TP size than `tp_size` was cut with (what a reshard on
-        load reads from); None when MODEL is not a state at another TP size."""
+    def saved_stages(self) -> list[TPGroup]:
+        """A sharded state's layout, a TPGroup (rank 0) per pipeline stage, with the state's own layers per
+        stage (read from its manifest: loading or resharding it does not depend on VLLM_PP_LAYER_PARTITION)."""
         state = self.directory.state
-        return None if state is None or state.tp_size == tp_size else self.specs(state.tp_size)
+        assert state is not None
+        return [TPGroup(0, state.tp_size, pp_rank=stage, pp_size=state.pp_size, partition=self.saved_partition())
+                for stage in range(state.pp_size)]
+
+    def state_specs(self) -> list[dict[str, ShardSpec]]:
+        """A sharded state's specs as saved, for each stage."""
+        return [self.build_on_meta(group).shard_specs() for group in self.saved_stages()]
+
+    def saved_partition(self) -> tuple[int, ...] | None:
+        """The layers per stage of a PP state, as its manifest lists them; None at PP=1 or without a state."""
+        state = self.directory.state
+        if state is None or state.pp_size == 1 or state.manifest is None:
+            return None
+        counts = []
+        for stage in range(state.pp_size):
+            names = state.manifest.tensors[str(stage * state.tp_size)]
+            counts.append(len({n.split(".")[2] for n in names if n.startswith("model.layers.")}))
+        if sum(counts) != self.config.num_hidden_layers or min(counts) < 1:
+            raise ShardstateError(f"the state's stages hold {counts} layers, not {state.pp_size} stages of at least "
+                                  f"one adding up to num_hidden_layers={self.config.num_hidden_layers}",
+                                  state.manifest_path, "convert again")
+        return tuple(counts)
+
+    def saved_layout(self, tp_size: int, pp_size: int = 1) -> list[dict[str, torch.Tensor]] | None:
+        """A sharded state saved at another layout than TP=`tp_size` x PP=`pp_size`, as saved: each stage's
+        parameters on the meta device (names, shapes, dtypes and the specs the saved tensors were cut with:
+        what a reshard on load reads from); None when MODEL is not a state at another layout."""
+        state = self.directory.state
+        if state is None or (state.tp_size, state.pp_size) == (tp_size, pp_size):
+            return None
+        return [dict(self.build_on_meta(group).named_parameters()) for group in self.saved_stages()]
+
+    def stages(self, tp_size: int, pp_size: int = 1) -> list[TPGroup]:
+        """The layout to run: a TPGroup (rank 0) per stage; a state's own layers per stage when it is run at
+        its own layout, else as vLLM splits them."""
+        state = self.directory.state
+        same = state is not None and (state.tp_size, state.pp_size) == (tp_size, pp_size)
+        partition = self.saved_partition() if same else None
+        return [TPGroup(0, tp_size, pp_rank=stage, pp_size=pp_size, partition=partition) for stage in range(pp_size)]
 
     def state_config_json(self, quantization: str | None, for_vllm: bool) -> bytes:
         """config.json for a state made from MODEL: its own bytes, or with the quantization_config vLLM needs

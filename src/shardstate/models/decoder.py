@@ -28,20 +28,22 @@ from shardstate.spec import Part, ShardSpec
 
 @dataclass
 class KVCache:
-    """Per layer keys and values, [batch, local kv heads, max_len, head_dim]."""
+    """Per layer keys and values, [batch, local kv heads, max_len, head_dim]; by global layer index, empty
+    for the layers other stages hold."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, model: DecoderForCausalLM, batch: int, max_len: int) -> KVCache:
-        attn = model.model.layers[0].self_attn
-        param = model.model.embed_tokens.weight  # the compute dtype (linear weights may be quantized)
+        held = model.model.held
+        norm = model.model.layers[held[0]].input_layernorm.weight  # the compute dtype (linear weights may be
+        attn = model.model.layers[held[0]].self_attn  # quantized), on the model's device
         shape = (batch, attn.local_kv_heads, max_len, attn.head_dim)
-        n = len(model.model.layers)
 
         def make() -> list[torch.Tensor]:
-            return [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(n)]
+            return [torch.zeros(shape if n in held else (0,), dtype=norm.dtype, device=norm.device)
+                    for n in range(len(model.model.layers))]
 
         return cls(make(), make())
 
@@ -194,17 +196,29 @@ class DecoderLayer(nn.Module):
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
+class MissingLayer(nn.Identity):
+    """A layer another pipeline stage holds (vLLM's PPMissingLayer): no parameters, so the stage's own
+    layers keep their global names (`model.layers.5...` on stage 1)."""
+
+
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, group: TPGroup, dtype: torch.dtype, family: type[DecoderForCausalLM]):
+    """The stage's part of the decoder: its layers (`held`), the embedding and the final norm where
+    `embed` and `norm` say (None elsewhere)."""
+
+    def __init__(self, config: ModelConfig, group: TPGroup, dtype: torch.dtype, family: type[DecoderForCausalLM],
+                 embed: bool = True, norm: bool = True):
         super().__init__()
         tp, vocab_shape = group.size, (config.vocab_size, config.hidden_size)
         self.embed_tokens = VocabParallelEmbedding(
             spec.vocab("model.embed_tokens.weight", vocab_shape, config.padded_vocab_size, tp), dtype, group
-        )
+        ) if embed else None
+        self.held = group.stage_layers(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, group, dtype, f"model.layers.{n}", family, n) for n in range(config.num_hidden_layers)
+            DecoderLayer(config, group, dtype, f"model.layers.{n}", family, n) if n in self.held else MissingLayer()
+            for n in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(spec.replicated("model.norm.weight", (config.hidden_size,), tp), dtype, config.rms_norm_eps)
+        self.norm = RMSNorm(spec.replicated("model.norm.weight", (config.hidden_size,), tp), dtype,
+                            config.rms_norm_eps) if norm else None
         self.rotary = RotaryEmbedding(config.head_dim, config.rope)
 
 
@@ -214,6 +228,10 @@ class DecoderForCausalLM(nn.Module):
     gate_up) and `make_mlp`."""
 
     fused_checkpoint = False
+    # vLLM 0.32 builds the embedding, the final norm and the LM head on every PP stage for some families
+    # (its Mixtral, Qwen2-MoE, Qwen3-MoE), so its sharded_state files hold them on every stage; others
+    # have the embedding on the first stage (and the last, tied to the head) and the norm and head on the last
+    ends_on_every_stage = False
     DEFAULTS: ClassVar[dict] = {}  # config.json values when a key is absent: transformers' defaults for the family
 
     @classmethod
@@ -226,21 +244,31 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.group = group
-        head_source = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        self.dtype = dtype  # the compute dtype (linear weights may be quantized)
+        tied, everywhere = config.tie_word_embeddings, self.ends_on_every_stage
+        head = group.last_stage or everywhere
+        embed = group.first_stage or everywhere or (tied and head)
+        head_source = "model.embed_tokens.weight" if tied else "lm_head.weight"
         vocab_shape = (config.vocab_size, config.hidden_size)
         head_spec = spec.vocab(head_source, vocab_shape, config.padded_vocab_size, group.size)
-        if config.tie_word_embeddings:
+        if tied and head:
             # vLLM keeps tied embeddings as `lm_head.weight` (the smaller key of tensors sharing storage) and
             # its sharded_state loader asks for that name: registered first, the head names the parameter
             self.lm_head = ParallelLMHead(head_spec, dtype, group, config.vocab_size)
-            self.model = DecoderModel(config, group, dtype, type(self))
+            self.model = DecoderModel(config, group, dtype, type(self), embed, head)
             self.model.embed_tokens.weight = self.lm_head.weight
         else:
-            self.model = DecoderModel(config, group, dtype, type(self))
-            self.lm_head = ParallelLMHead(head_spec, dtype, group, config.vocab_size)
+            self.model = DecoderModel(config, group, dtype, type(self), embed, head)
+            self.lm_head = ParallelLMHead(head_spec, dtype, group, config.vocab_size) if head else None
 
     def shard_specs(self) -> dict[str, ShardSpec]:
         return shard_specs(self)
+
+    def checkpoint_sources(self) -> set[str]:
+        """Every checkpoint tensor the whole model (all pipeline stages) is cut from."""
+        with torch.device("meta"):
+            whole = type(self)(self.config, TPGroup(0, self.group.size), self.dtype)
+        return {source for s in whole.shard_specs().values() for source in s.sources()}
 
     def forward(
         self,
@@ -250,9 +278,25 @@ class DecoderForCausalLM(nn.Module):
         cache: KVCache,
         cache_pos: int,
     ) -> torch.Tensor:
-        """Logits for the last position of each sequence, [batch, vocab]."""
-        x = self.model.embed_tokens(ids)
+        """Logits for the last position of each sequence, [batch, vocab], on every rank. Each pipeline stage
+        runs its layers on what the previous stage sent it (the first embeds `ids`) and sends the result on;
+        the last stage's logits go to every rank."""
+        group, (batch, steps) = self.group, ids.shape
+        device = self.model.layers[self.model.held[0]].input_layernorm.weight.device
+        if group.first_stage:
+            x = self.model.embed_tokens(ids)
+        else:
+            x = group.receive_from_previous_stage(
+                torch.empty(batch, steps, self.config.hidden_size, dtype=self.dtype, device=device))
         step = Step(self.model.rotary(positions, x.dtype), mask, cache_pos)
-        for n, layer in enumerate(self.model.layers):
-            x = layer(x, step, (cache.keys[n], cache.values[n]))
-        return self.lm_head(self.model.norm(x[:, -1]))
+        for n in self.model.held:
+            x = self.model.layers[n](x, step, (cache.keys[n], cache.values[n]))
+        if group.pp_size == 1:
+            return self.lm_head(self.model.norm(x[:, -1]))
+        logits = None
+        if group.last_stage:
+            logits = self.lm_head(self.model.norm(x[:, -1]))
+        else:
+            group.send_to_next_stage(x)
+        return group.from_last_stage(
+            logits, torch.empty(batch, self.config.vocab_size, dtype=self.dtype, device=device))

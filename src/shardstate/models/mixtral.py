@@ -15,6 +15,7 @@ from shardstate.parallel.distributed import TPGroup
 
 
 class MixtralForCausalLM(DecoderForCausalLM):
+    ends_on_every_stage = True  # vLLM 0.32 builds its embedding, norm and LM head on every PP stage
     DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
                                 "num_local_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True}
 

@@ -25,6 +25,7 @@ def experts_key(reader: ConfigReader) -> str:
 
 
 class Qwen2MoeForCausalLM(DecoderForCausalLM):
+    ends_on_every_stage = True  # vLLM 0.32 builds its embedding, norm and LM head on every PP stage
     DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 16, "num_experts": 60, "num_experts_per_tok": 4,
                                 "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}
 

@@ -17,6 +17,7 @@ from shardstate.parallel.distributed import TPGroup
 
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):
+    ends_on_every_stage = True  # vLLM 0.32 builds its embedding, norm and LM head on every PP stage
     DEFAULTS: ClassVar[dict] = {"num_key_value_heads": 4, "num_experts": 128, "num_experts_per_tok": 8,
                                 "moe_intermediate_size": 768}
 

@@ -36,7 +36,7 @@ def _key(group: TPGroup, what: str, rank: int) -> str:
 def loading(group: TPGroup, progress: Callable[[], int], timeout_s: float) -> Iterator[None]:
     """Run the block (this rank's load) with a heartbeat, then wait for every other rank to load. A rank
     whose load fails says so, and the others stop waiting."""
-    if group.size == 1 or group.store is None:
+    if group.world_size == 1 or group.store is None:
         yield
         return
     with _store_errors(group):
@@ -47,7 +47,7 @@ def loading(group: TPGroup, progress: Callable[[], int], timeout_s: float) -> It
         with contextlib.suppress(Exception):  # a store gone is for the main thread to report, once
             beats = _client(group, timeout_s)  # a client of its own: the main thread uses `store`
             while not stop.wait(BEAT_S):
-                beats.set(_key(group, "read", group.rank), str(progress()))
+                beats.set(_key(group, "read", group.world_rank), str(progress()))
 
     thread = threading.Thread(target=beat, name="shardstate-heartbeat", daemon=True)
     thread.start()
@@ -55,13 +55,13 @@ def loading(group: TPGroup, progress: Callable[[], int], timeout_s: float) -> It
         yield
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            store.set(_key(group, "failed", group.rank), str(exc)[:300])
+            store.set(_key(group, "failed", group.world_rank), str(exc)[:300])
         raise
     finally:
         stop.set()
         thread.join()
     with _store_errors(group):
-        store.set(_key(group, "loaded", group.rank), "1")
+        store.set(_key(group, "loaded", group.world_rank), "1")
         _wait_for_peers(store, group, timeout_s)
 
 
@@ -78,7 +78,7 @@ def _store_errors(group: TPGroup) -> Iterator[None]:
 def _wait_for_peers(store: dist.TCPStore, group: TPGroup, timeout_s: float) -> None:
     last: dict[int, tuple[str, float]] = {}
     for attempt in itertools.count():
-        waiting = [r for r in range(group.size) if not store.check([_key(group, "loaded", r)])]
+        waiting = [r for r in range(group.world_size) if not store.check([_key(group, "loaded", r)])]
         if not waiting:
             return
         now = time.monotonic()

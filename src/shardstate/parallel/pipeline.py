@@ -5,6 +5,7 @@ of the same rank builds (and a vLLM-written PP state holds ours)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from shardstate.errors import ShardstateError, brief
 
@@ -40,11 +41,12 @@ def layer_partition(num_layers: int, pp_size: int, override: str | None = None) 
     return partition
 
 
-def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """The global indices of the layers stage `pp_rank` holds (vLLM's `get_pp_indices` as a range). At PP=1
-    every layer, whatever $VLLM_PP_LAYER_PARTITION says (it is for PP runs)."""
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int, partition: Sequence[int] | None = None) -> range:
+    """The global indices of the layers stage `pp_rank` holds (vLLM's `get_pp_indices` as a range; with
+    `partition`, that split instead: a state's own). At PP=1 every layer, whatever $VLLM_PP_LAYER_PARTITION
+    says (it is for PP runs)."""
     if pp_size == 1:
         return range(num_layers)
-    partition = layer_partition(num_layers, pp_size)
+    partition = partition or layer_partition(num_layers, pp_size)
     start = sum(partition[:pp_rank])
     return range(start, start + partition[pp_rank])

@@ -51,7 +51,7 @@ def greedy_generate(
 ) -> Generation:
     """Argmax decoding. A sequence stops after emitting an id in `eos_token_ids` (kept in its output).
     With `logprobs` = k, each new token also gets its step's k most likely tokens (`top_logprobs`)."""
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     window = model.config.sliding_window
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens

@@ -1,4 +1,5 @@
-"""LLM: start TP worker processes for a model, load it, generate greedily, report each rank's load."""
+"""LLM: start worker processes for a model (TP x PP ranks), load it, generate greedily, report each rank's
+load."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import find_weight_files
-from shardstate.format.manifest import PP1_PATTERN, check_pattern
+from shardstate.format.manifest import PP1_PATTERN, PP_PATTERN, check_pattern
 from shardstate.io.engine import IO_MODES
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders import LoadReport, resolve_load_format
@@ -30,7 +31,7 @@ from shardstate.models import (
     open_model,
     quantize_after_load,
 )
-from shardstate.parallel.distributed import TPGroup, cores_per_rank, free_port
+from shardstate.parallel.distributed import cores_per_rank, free_port
 from shardstate.runtime.lifeline import lifeline, starting_worker
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs, worker_main
@@ -78,7 +79,8 @@ def check_run_options(tp_size: int, io: str, io_threads: int | None, timeout: fl
 
 class LLM:
     """`LLM(model_dir, tensor_parallel_size=2, load_format="sliced", io="read")` spawns one process per rank
-    (gloo on CPU, NCCL with CUDA), loads the weights there and keeps the workers until `close()`.
+    (gloo on CPU, NCCL with CUDA), loads the weights there and keeps the workers until `close()`. With
+    `pipeline_parallel_size` = P, P stages of `tensor_parallel_size` ranks each, each stage its layers.
 
     `timeout` bounds how long a hung rank can stall the others: a collective gives up after waiting that
     long for a peer, and once one rank has answered a call the rest have that long to answer too.
@@ -99,8 +101,13 @@ class LLM:
         timeout: float = 120.0,
         quantize: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        pipeline_parallel_size: int = 1,
     ) -> None:
-        check_run_options(tensor_parallel_size, io, io_threads, timeout)
+        if not (_is_int(pipeline_parallel_size) and pipeline_parallel_size >= 1):
+            raise ShardstateError(f"PP size {pipeline_parallel_size!r} is not a positive integer", None,
+                                  "use --pp 1 or more")
+        world = tensor_parallel_size * pipeline_parallel_size if _is_int(tensor_parallel_size) else tensor_parallel_size
+        check_run_options(world, io, io_threads, timeout)
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
         opened = model if isinstance(model, OpenedModel) else open_model(model, dtype, cache_dir)
@@ -110,36 +117,43 @@ class LLM:
         self.model_dir = opened.directory.path  # absolute: the workers' working directory is fixed when they start
         self.config = opened.config
         self.tp_size = tensor_parallel_size
+        self.pp_size = pipeline_parallel_size
+        self.world_size = world
         self.prompts = PromptCodec(self.model_dir, self.config)
         self._model_dtype = opened.dtype
         self.timeout = timeout
         with opened.directory.errors_named():  # refuse a bad model or state before any worker starts
             self.config.check_tp_size(tensor_parallel_size)
             load_format = resolve_load_format(load_format, opened.directory)
-            meta_model = opened.build_on_meta(TPGroup(0, tensor_parallel_size))
-            check_parameters_fit(meta_model, ranks_here=tensor_parallel_size)
+            self._stages = opened.stages(tensor_parallel_size, pipeline_parallel_size)
+            meta_models = [opened.build_on_meta(group) for group in self._stages]
+            check_parameters_fit(meta_models[0], ranks_here=world)
             if load_format == "sharded":
-                check_before_workers(opened.directory, dict(meta_model.named_parameters()), self._model_dtype, verify,
-                                     opened.saved_specs(tensor_parallel_size))
-        live = meta_model if self.quantize is None else build_on_meta(
-            self.config, TPGroup(0, tensor_parallel_size), self._model_dtype, self.quantization)
-        self._live_params = dict(live.named_parameters())  # what `save` writes (the same names on every rank)
-        args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize)
+                check_before_workers(opened.directory, [dict(m.named_parameters()) for m in meta_models],
+                                     self._model_dtype, verify, opened.saved_layout(tensor_parallel_size,
+                                                                                    pipeline_parallel_size))
+        if self.quantize is not None:
+            meta_models = [build_on_meta(self.config, group, self._model_dtype, self.quantization)
+                           for group in self._stages]
+        # what `save` writes: each stage's parameters (the same names on every rank of a stage)
+        self._live_params = [dict(m.named_parameters()) for m in meta_models]
+        args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize, pipeline_parallel_size,
+                          self._stages[0].partition)
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        threads = cores_per_rank(tensor_parallel_size)
+        threads = cores_per_rank(world)
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         self._lifelines: list[Connection] = []  # the workers exit when these close (runtime/lifeline.py)
         me = weakref.ref(self)
         on_default_death(self, lambda: (llm := me()) is not None and llm.close(graceful=False))
         try:
-            for rank in range(tensor_parallel_size):
+            for rank in range(world):
                 parent, child = context.Pipe()
                 worker_end, driver_end = lifeline(context)
                 proc = context.Process(
                     target=worker_main,
-                    args=(child, worker_end, rank, tensor_parallel_size, init_method, threads, timeout),
+                    args=(child, worker_end, rank, world, init_method, threads, timeout),
                     daemon=True,
                 )
                 with starting_worker():  # inherited: a Ctrl-C while the worker starts up is for the driver
@@ -166,7 +180,7 @@ class LLM:
         another answered stops every worker and is raised."""
         replies: dict[int, Any] = {}
         deadline = None
-        while len(replies) < self.tp_size:
+        while len(replies) < self.world_size:
             waiting = {c: r for r, c in enumerate(self._conns) if r not in replies}
             sentinels = {self._procs[r].sentinel: r for r in waiting.values()}
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -194,7 +208,7 @@ class LLM:
                     self._fail(payload, [])
                 replies[rank] = payload
                 deadline = deadline or time.monotonic() + self.timeout
-        return [replies[r] for r in range(self.tp_size)]
+        return [replies[r] for r in range(self.world_size)]
 
     def _fail(self, what: str, silent: list[int]) -> NoReturn:
         """Kill every worker (peers may be blocked in a collective with the failed rank) and raise."""
@@ -238,7 +252,7 @@ class LLM:
             return []
         ids = self.prompts.encode(prompts)
         check_generation_fits(self.config, ids, max_new_tokens, self.tp_size, self._model_dtype,
-                              ranks_here=self.tp_size)
+                              ranks_here=self.world_size)
         eos = () if ignore_eos else self.config.eos_token_ids
         generation = self._call("generate", prompts=ids, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                                 logprobs=logprobs)[0]
@@ -252,18 +266,20 @@ class LLM:
         rolling over at `max_size` bytes); the manifest goes last and the directory appears atomically.
         `for_vllm`: a quantized state also gets what vLLM's loader needs (quant/vllm.py). Returns the file
         names written."""
-        pattern = check_pattern(pattern or PP1_PATTERN)
+        pattern = check_pattern(pattern or (PP1_PATTERN if self.pp_size == 1 else PP_PATTERN), self.pp_size)
         out = Path(path)
         config_json = self._opened.state_config_json(self.quantization, for_vllm)
         with staged_output(out, self.model_dir, force) as tmp:
             written = self._call("save", directory=str(tmp), pattern=pattern, max_part_bytes=max_size,
                                  config_json=config_json)
-            plan = StatePlan.make(self._live_params, self._model_dtype, self.config.num_hidden_layers, max_size,
-                                  config_json, pattern, self.quantization)
+            layers = self.config.num_hidden_layers
+            plans = [StatePlan.make(params, self._model_dtype, layers, max_size, config_json, pattern,
+                                    self.quantization, group.stage_layers(layers), self.pp_size)
+                     for params, group in zip(self._live_params, self._stages, strict=True)]
             with ReadAccount(self._opened.directory.remote_weights()) as account:
                 sizes = account.sizes(find_weight_files(self.model_dir, account.remote))
             source = source_records(self._opened.directory.state, sizes)
-            manifest = complete_state(tmp, self.model_dir, self.config, plan, written, source)
+            manifest = complete_state(tmp, self.model_dir, self.config, plans, written, source)
         return sorted(manifest.files)
 
     def rank_state_dicts(self) -> list[dict[str, torch.Tensor]]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from shardstate.errors import ShardstateError
 from shardstate.loaders import LoadReport
 from shardstate.models import check_parameters_fit
-from shardstate.parallel.distributed import TPGroup, init_group, torchrun_env
+from shardstate.parallel.distributed import init_group, torchrun_env
 from shardstate.runtime.prompts import Output, prepare_prompts
 from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
 
@@ -18,18 +18,24 @@ from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collectiv
 def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], list[LoadReport]] | None:
     """Load and generate as this rank; rank 0 gets the outputs and every rank's load report, others None."""
     rank, world, local_rank = torchrun_env()
-    if args.tp not in (1, world):  # --tp left at its default means "the world size"
-        raise ShardstateError(
-            f"--tp {args.tp} but torchrun started {world} processes", None, f"pass --tp {world} or omit it"
-        )
+    pp = args.pp
+    tp = world // pp if args.tp == 1 else args.tp  # --tp left at its default means "the world size over --pp"
+    if tp * pp != world:
+        wanted = f"--tp {tp}" + (f" x --pp {pp}" if pp > 1 else "")
+        raise ShardstateError(f"{wanted} but torchrun started {world} processes", None,
+                              f"pass --tp {world // pp if world % pp == 0 else world} or omit it"
+                              + (" (and a --pp that divides the processes)" if world % pp else ""))
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this host
-    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, world, ranks_here,
+    prepared = prepare_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens, tp, ranks_here,
                                args.cache_dir)
     config, codec, prompt_ids = prepared.model.config, prepared.codec, prepared.ids
-    check_parameters_fit(prepared.model.build_on_meta(TPGroup(0, world)), ranks_here)
+    stages = prepared.model.stages(tp, pp)
+    check_parameters_fit(prepared.model.build_on_meta(stages[0]), ranks_here)
     try:
-        group = init_group(rank, world, timeout_s=args.timeout)  # the rendezvous times out like a collective
-        args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify)
+        # the rendezvous times out like a collective
+        group = init_group(rank, world, timeout_s=args.timeout, pp_size=pp, partition=stages[0].partition)
+        args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify,
+                                     pp_size=pp, partition=stages[0].partition)
         worker = Worker(args_for_worker, group, local_rank, args.timeout)
         eos = () if args.ignore_eos else config.eos_token_ids
         generation = worker.generate(prompt_ids, args.max_new_tokens, eos, args.logprobs)

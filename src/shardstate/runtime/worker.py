@@ -1,5 +1,5 @@
-"""One TP rank: build the model on meta, materialise, load, then serve commands (spawned) or run once
-(torchrun)."""
+"""One rank (a TP rank of a pipeline stage): build the stage's model on meta, materialise, load, then
+serve commands (spawned) or run once (torchrun)."""
 
 from __future__ import annotations
 
@@ -41,23 +41,26 @@ class WorkerArgs:
     io_threads: int | None = None  # None: see MIN_IO_THREADS
     verify: bool = False
     quantize: str | None = None  # quantize the linear weights after load (quant/): int8 | fp8
+    pp_size: int = 1
+    partition: tuple[int, ...] | None = None  # layers per stage (a PP state at its own layout: its own)
 
 
 class Worker:
     def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int, timeout_s: float):
         self.args = args
         self.config = args.model.config
-        self.rank = group.rank
+        self.rank = group.world_rank
+        self.group = group
         self.model = args.model.build_on_meta(group)
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
-        threads = args.io_threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, cores_per_rank(group.size)))
+        threads = args.io_threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, cores_per_rank(group.world_size)))
         io = IOOptions(args.io_mode, threads, str(device), args.verify)
-        if group.size > 1:
+        if group.world_size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         with loading(group, Arrivals.so_far, timeout_s):  # a rank still downloading is waited for, not timed out
             self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io,
-                                            args.model.saved_specs(group.size))
+                                            args.model.saved_layout(group.size, group.pp_size))
         if args.quantize is not None:
             quantize_linear_weights(self.model, method_named(args.quantize), group)
 
@@ -70,8 +73,8 @@ class Worker:
         manifest needs (RankWriter.result())."""
         model = self.args.model
         plan = StatePlan.make(dict(self.model.named_parameters()), model.dtype, self.config.num_hidden_layers,
-                              max_part_bytes, config_json, pattern,
-                              model.quantization or self.args.quantize)
+                              max_part_bytes, config_json, pattern, model.quantization or self.args.quantize,
+                              self.group.stage_layers(self.config.num_hidden_layers), self.group.pp_size)
         writer = plan.writer(Path(directory), self.rank)
         try:
             for name, param in self.model.named_parameters():
@@ -118,7 +121,7 @@ def worker_main(
     torch.set_num_threads(threads)
     try:
         args: WorkerArgs = conn.recv()
-        group = init_group(rank, size, init_method, timeout_s)
+        group = init_group(rank, size, init_method, timeout_s, args.pp_size, args.partition)
         worker = Worker(args, group, rank, timeout_s)
         conn.send(("ok", worker.load_report))
         while True:

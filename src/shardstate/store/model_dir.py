@@ -65,5 +65,5 @@ def fetch_every_rank(directory: ModelDir) -> None:
     """An s3:// state's rank files, every rank's, into the node cache (for what reads them all here:
     verify, a reshard); nothing to do for a local directory."""
     if directory.remote is not None and directory.state is not None and directory.state.manifest is not None:
-        for rank in range(directory.state.tp_size):
+        for rank in range(directory.state.world_size):
             fetch_rank_files(directory.remote, directory.state.manifest, rank)

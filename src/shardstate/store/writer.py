@@ -20,12 +20,15 @@ from shardstate.format.manifest import (
     MANIFEST_NAME,
     PENDING_STATE_ID,
     PP1_PATTERN,
+    PP_PATTERN,
     QUANT_SCALES,
     Manifest,
     check_pattern,
     constant_spec,
+    file_name,
     is_plain_name,
     rank_file_metadata,
+    stage_pattern,
     state_id_of,
     write_manifest,
 )
@@ -43,7 +46,8 @@ COPY_BLOCK = 1 << 20
 
 @dataclass(frozen=True)
 class StatePlan:
-    """Which tensors each rank's files hold, in which order and which part (the same for every rank)."""
+    """Which tensors each rank's files hold, in which order and which part (the same for every rank of a
+    pipeline stage; at PP>1 each stage has its own plan)."""
 
     specs: dict[str, ShardSpec]
     dtype: torch.dtype  # the model's compute dtype (the manifest's `dtype`)
@@ -52,31 +56,41 @@ class StatePlan:
     config_json: bytes  # OUT's config.json (the source's, or with what vLLM needs for a quantized state)
     pattern: str
     quantization: str | None = None  # the method quantized weights were made with
+    pp_size: int = 1
 
     @classmethod
     def make(
         cls, params: dict[str, torch.Tensor], dtype: torch.dtype, num_layers: int, max_part_bytes: int,
-        config_json: bytes, pattern: str = PP1_PATTERN, quantization: str | None = None,
+        config_json: bytes, pattern: str | None = None, quantization: str | None = None,
+        layers: range | None = None, pp_size: int = 1,
     ) -> StatePlan:
         """`params`: a rank's parameters by name (live, or on the meta device), each carrying its `.spec`;
         each is written in its own dtype. A `config_json` with a quantization_config (`--for-vllm`) adds
-        the KV-cache placeholders vLLM then expects."""
-        constants = {n: (OutTensor(n, torch.float32, ()), 1.0) for n in vllm_scale_names(num_layers)}
+        the KV-cache placeholders vLLM then expects. At PP>1, `layers` are the stage's (vLLM's scalars
+        are written for those only) and `pattern` defaults to vLLM's PP pattern."""
+        held = range(num_layers) if layers is None else layers
+
+        def here(name: str) -> bool:  # model.layers.N...: a constant of one of the stage's layers
+            return int(name.split(".")[2]) in held
+
+        constants = {n: (OutTensor(n, torch.float32, ()), 1.0) for n in vllm_scale_names(num_layers) if here(n)}
         if declares_quantization(loads_strict(config_json)):
-            constants |= {n: (OutTensor(n, t, (1,)), v) for n, t, v in kv_placeholders(num_layers, dtype)}
+            constants |= {n: (OutTensor(n, t, (1,)), v) for n, t, v in kv_placeholders(num_layers, dtype) if here(n)}
         tensors = [OutTensor(n, p.dtype, p.spec.local_shape()) for n, p in params.items()]
         parts = split_into_parts(tensors + [t for t, _ in constants.values()], max_part_bytes)
         specs = {n: p.spec for n, p in params.items()}
-        return cls(specs, dtype, parts, constants, config_json, check_pattern(pattern), quantization)
+        pattern = pattern or (PP1_PATTERN if pp_size == 1 else PP_PATTERN)
+        return cls(specs, dtype, parts, constants, config_json, check_pattern(pattern, pp_size), quantization,
+                   pp_size)
 
     @property
     def tp_size(self) -> int:
         return next(iter(self.specs.values())).tp_size
 
     def writer(self, directory: Path, rank: int) -> RankWriter:
-        """Rank `rank`'s writer; its files say PENDING_STATE_ID until complete_state stamps the state's id."""
-        return RankWriter(directory, rank, self.parts, self.pattern,
-                          lambda part: rank_file_metadata(PENDING_STATE_ID, rank, self.tp_size, part))
+        """World rank `rank`'s writer; its files say PENDING_STATE_ID until complete_state stamps the state's id."""
+        return RankWriter(directory, rank, self.parts, stage_pattern(self.pattern, rank, self.tp_size),
+                          lambda part: rank_file_metadata(PENDING_STATE_ID, rank, self.tp_size, part, self.pp_size))
 
     def finish(self, writer: RankWriter) -> None:
         """Write the constants (after the parameters, as planned) and close the rank's last part."""
@@ -92,7 +106,7 @@ class StatePlan:
             for t in tensors:
                 spec = self.specs.get(t.name)
                 records[t.name] = {
-                    "file": self.pattern.format(rank=rank, part=part),
+                    "file": file_name(self.pattern, rank, part, self.tp_size),
                     "dtype": DTYPE_NAMES[t.dtype],
                     "shape": list(t.shape),
                     "global_shape": list(spec.global_shape()) if spec else list(t.shape),
@@ -103,22 +117,31 @@ class StatePlan:
 
 
 def complete_state(
-    directory: Path, src: Path, config: ModelConfig, plan: StatePlan, written: list[dict], source: list[dict],
+    directory: Path, src: Path, config: ModelConfig, plan: StatePlan | list[StatePlan], written: list[dict],
+    source: list[dict],
 ) -> Manifest:
     """Copy SRC's side files (config.json as the plan has it), stamp every rank file with the state's id
     (format/manifest.py: state_id_of), then write the manifest (last: its presence says the directory is
-    whole). `written` holds each rank's RankWriter.result(), in rank order; `source` is source_records()."""
+    whole). `plan`: the plan, or at PP>1 each stage's; `written` holds each rank's RankWriter.result(), in
+    world rank order; `source` is source_records()."""
+    plans = plan if isinstance(plan, list) else [plan]
+    plan, tp_size = plans[0], plans[0].tp_size
+    files = {name: record for rank in written for name, record in rank["files"].items()}
+    if len(plans) > 1:  # a PP file's record says its stage and TP rank too
+        files = {name: {**r, "pp": r["rank"] // tp_size, "tp": r["rank"] % tp_size} for name, r in files.items()}
     side_files = sorted(p.name for p in src.iterdir() if is_side_file(p))
     for name in side_files:
         if name != CONFIG_NAME:
             copy_file(src / name, directory / name)
     write_file(directory / CONFIG_NAME, [plan.config_json])
     manifest = Manifest(
-        PENDING_STATE_ID, len(written), config.architecture, hashlib.sha256(plan.config_json).hexdigest(),
+        PENDING_STATE_ID, tp_size, config.architecture, hashlib.sha256(plan.config_json).hexdigest(),
         DTYPE_NAMES[plan.dtype],
         source, side_files,
-        files={name: record for rank in written for name, record in rank["files"].items()},
-        tensors={str(rank): plan.tensor_records(rank, w["digests"]) for rank, w in enumerate(written)},
+        files=files,
+        tensors={str(rank): plans[rank // tp_size].tensor_records(rank, w["digests"])
+                 for rank, w in enumerate(written)},
+        pp_size=len(plans),
         pattern=plan.pattern,
         quantization=None if plan.quantization is None else {"method": plan.quantization, "scales": QUANT_SCALES},
     )
