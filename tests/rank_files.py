@@ -11,12 +11,22 @@ from safetensors.torch import load_file
 
 
 def rank_tensors(root: Path, rank: int) -> dict:
+    return files_tensors(root, f"model-rank-{rank}-part-*.safetensors", f"rank {rank}")
+
+
+def stage_tensors(root: Path, pp: int, tp: int) -> dict:
+    """The tensors of stage `pp`, TP rank `tp` of a PP state (vLLM's `model-pp-P-tp-T-part-N` files)."""
+    return files_tensors(root, f"model-pp-{pp}-tp-{tp}-part-*.safetensors", f"pp {pp} tp {tp}")
+
+
+def files_tensors(root: Path, pattern: str, who: str) -> dict:
+    """Every tensor of the files matching `pattern` (one rank's parts), each once."""
     tensors = {}
-    for path in sorted(root.glob(f"model-rank-{rank}-part-*.safetensors")):
+    for path in sorted(root.glob(pattern)):
         for key, tensor in load_file(path).items():
-            assert key not in tensors, f"{key} twice in {root.name} rank {rank}"
+            assert key not in tensors, f"{key} twice in {root.name} {who}"
             tensors[key] = tensor
-    assert tensors, f"no files of rank {rank} in {root}"
+    assert tensors, f"no files of {who} in {root}"
     return tensors
 
 
@@ -48,13 +58,3 @@ def rank_file_differences(ours: Path, theirs: Path, tp: int) -> list[str]:
                 problems.append(f"rank {rank}: {key} {list(a.shape)} values differ")
     return problems
 
-
-def stage_tensors(root: Path, pp: int, tp: int) -> dict:
-    """The tensors of stage `pp`, TP rank `tp` of a PP state (vLLM's `model-pp-P-tp-T-part-N` files)."""
-    tensors = {}
-    for path in sorted(root.glob(f"model-pp-{pp}-tp-{tp}-part-*.safetensors")):
-        for key, tensor in load_file(path).items():
-            assert key not in tensors, f"{key} twice in {root.name} pp {pp} tp {tp}"
-            tensors[key] = tensor
-    assert tensors, f"no files of pp {pp} tp {tp} in {root}"
-    return tensors
