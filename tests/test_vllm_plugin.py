@@ -36,7 +36,8 @@ CASES = {  # id: (architecture, config overrides)
     "gemma": ("GemmaForCausalLM", {"head_dim": 64}),
 }
 HIT = re.compile(r"shardstate: hit (\S+): rank (\d+) read (\d+) bytes in (\d+) files")
-STATE = re.compile(r"shardstate: state (\S+): rank (\d+) read (\d+) bytes in (\d+) files")
+STATE = re.compile(r"shardstate: state (\S+): rank (\d+) read (\d+) bytes in (\d+) files"
+                   r".*?(?:, (\d+) of them fetched|$)", re.MULTILINE)
 
 
 def run_vllm(model: Path, *args: str, dump: Path | None = None, load_format: str = "shardstate_dumpafter",
@@ -225,8 +226,8 @@ def test_a_state_in_s3_each_rank_fetching_its_own_files(auto, checkpoint, case, 
     given = run_vllm(checkpoint, dump=tmp_path / "dump", extra={"state": url}, env=env)
     assert tokens(given) == reference
     assert rank_file_differences(tmp_path / "dump", auto_dump, TP) == []
-    reads = {int(m[2]): (m[1], int(m[3])) for m in STATE.finditer(logged(given))}
-    assert sorted(reads) == list(range(TP)), logged(given)[-3000:]
-    for rank, (where, nbytes) in reads.items():  # each rank fetched its own files, whole, and nothing else
+    fetched = {int(m[2]): (m[1], int(m[5] or 0)) for m in STATE.finditer(logged(given))}
+    assert sorted(fetched) == list(range(TP)), logged(given)[-3000:]
+    for rank, (where, nbytes) in fetched.items():  # each rank fetched its own files, whole, and nothing else
         own = sorted((tmp_path / "tp2").glob(f"model-rank-{rank}-part-*.safetensors"))
         assert (where, nbytes) == (url, sum(p.stat().st_size for p in own))

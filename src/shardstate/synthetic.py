@@ -21,6 +21,7 @@ MODEL_TYPES = {  # HF architecture -> transformers model_type
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe", "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",  # not a shardstate family: for the vLLM plugin's opaque cache entries
 }
 
 

@@ -184,5 +184,6 @@ def _shardstate_specs(directory: Path, tp_size: int, model_config: ModelConfig) 
 
 
 def _log(path: str, where: object, rank: int, report: ReadReport) -> None:
-    logger.info("shardstate: %s %s: rank %d read %d bytes in %d files in %.3f s (%.2f GB/s)", path, where, rank,
-                report.bytes_read, len(report.files), report.seconds, report.gb_per_s)
+    fetched = f", {report.bytes_fetched} of them fetched from object storage" if report.bytes_fetched else ""
+    logger.info("shardstate: %s %s: rank %d read %d bytes in %d files in %.3f s (%.2f GB/s)%s", path, where, rank,
+                report.bytes_read, len(report.files), report.seconds, report.gb_per_s, fetched)

@@ -30,9 +30,10 @@ BLOCK = 8 << 20
 
 @dataclass(frozen=True)
 class ReadReport:
-    bytes_read: int
+    bytes_read: int  # from files (local, the node cache) and objects, headers included
     seconds: float
     files: list[str]
+    bytes_fetched: int = 0  # of those, from object storage
 
     @property
     def gb_per_s(self) -> float:
@@ -70,8 +71,8 @@ def read_rank(state: ShardedState, rank: int, params: dict[str, torch.Tensor], v
                 digests = expected_digests(records, {n: locations[n] for n in staged}) if verify else None
                 (data,) = read_spans([span], "read", account, THREADS, digests)
                 _copy_all(staged, locations, params, data, span.start)
-        return ReadReport(account.bytes_read + sum(len(d) for d in fetched.values()),
-                          time.perf_counter() - start, list(account.files))
+        return ReadReport(account.bytes_read, time.perf_counter() - start, list(account.files),
+                          account.fetch_report.bytes_fetched)
 
 
 def read_into_parameters(account: ReadAccount, path: Path, names: list[str], locations: dict[str, TensorLocation],
