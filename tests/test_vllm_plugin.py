@@ -193,6 +193,10 @@ def test_unknown_options_are_one_line(checkpoint, case):
     refused = run_vllm(checkpoint, extra={"cache_dirr": "/tmp/x"}, load_format="shardstate", check=False)
     assert refused.returncode != 0
     assert "error: unknown option 'cache_dirr' of --load-format shardstate" in logged(refused)
+    inside = run_vllm(checkpoint, extra={"cache_dir": str(checkpoint / "cache")}, load_format="shardstate",
+                      check=False)
+    assert inside.returncode != 0 and "error: cache_dir is inside the model directory" in logged(inside)
+    assert not (checkpoint / "cache").exists()
 
 
 def test_int8_compressed_tensors_miss_and_hit(tmp_path):

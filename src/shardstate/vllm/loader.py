@@ -110,6 +110,9 @@ class ShardstateModelLoader(BaseModelLoader):
             self.default.load_weights(model, model_config)
             return
         root = self.options.cache_root
+        if root.resolve().is_relative_to(directory.resolve()):
+            raise ShardstateError("cache_dir is inside the model directory", root,
+                                  "give a cache_dir outside it: shardstate never writes into a model directory")
         root.mkdir(parents=True, exist_ok=True)
         entry = CacheEntry(root, entry_name(fields))
         ready = self.options.cache == "auto" and entry.holds(fields, ranks.rank)
