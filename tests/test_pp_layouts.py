@@ -126,3 +126,36 @@ def test_layouts_that_cannot_be_made_are_refused_in_one_line(family_dir, tmp_pat
     if result.returncode == 1:
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def edited(state: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(state, copy)
+    doc = json.loads((copy / "shardstate.json").read_text())
+    edit(doc)
+    (copy / "shardstate.json").write_text(json.dumps(doc))
+    return copy
+
+
+def first_file(doc: dict) -> dict:
+    return doc["files"]["model-pp-1-tp-0-part-0.safetensors"]
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda d: first_file(d).update(pp=0), "says pp 0 tp 0, but rank 2 is pp 1 tp 0"),
+    (lambda d: first_file(d).pop("tp"), "lacks ['tp']"),
+    (lambda d: d.update(pattern="model-rank-{rank}-part-{part}.safetensors"),
+     "not a file-name pattern with {pp}, {tp}"),
+    (lambda d: d.update(pp_size=3), "has parts [] for rank 4"),
+    (lambda d: d["tensors"].pop("3"), "has ranks ['0', '1', '2'], not 0..3"),
+    (lambda d: d["files"]["model-pp-0-tp-0-part-0.safetensors"].update(rank=1),
+     "says pp 0 tp 0, but rank 1 is pp 0 tp 1"),
+], ids=["wrong-pp", "no-tp", "pp1-pattern", "more-stages", "rank-missing", "wrong-rank"])
+def test_a_pp_manifest_that_lies_is_refused_in_one_line(family_dir, tmp_path, edit, expected):
+    state = tmp_path / "state"
+    convert(family_dir("llama-tied-5"), state, 2, pp_size=2, show_progress=False)
+    result = shardstate("verify", str(edited(state, tmp_path, edit)))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr

@@ -89,6 +89,11 @@ def test_a_pp_state_loads_at_its_own_layout(family_dir, reference, tmp_path, nam
         assert [[Path(f).name for f in r.files] for r in llm.load_reports] == [
             ["model-pp-0-tp-0-part-0.safetensors"], ["model-pp-1-tp-0-part-0.safetensors"]]
         assert all(r.resharded_from is None for r in llm.load_reports)
+    if name == "qwen3":  # and at PP=1, from the CLI: the report says what it was resharded from
+        done = shardstate("generate", str(state), "--prompt-ids", ",".join(map(str, PROMPTS[0])), "--max-new-tokens",
+                          str(STEPS), "--ignore-eos")
+        assert done.returncode == 0, done.stderr
+        assert f"tokens: {reference(name)[0]}" in done.stdout and "resharded on load from TP=1 PP=2" in done.stdout
 
 
 @pytest.mark.slow
@@ -181,7 +186,7 @@ def test_a_pp_state_in_s3_inspects_loads_and_reshards(server, family_dir, refere
     """Uploaded as it is; inspect reads the headers in place; at its own layout each rank fetches its own
     files; at (1, 2) the ranks read their boxes in place, fetching about their share."""
     from conftest import S3_BUCKET
-    from shardstate.state_info import inspect_location
+    from shardstate.state_info import inspect_location, verify_location
     from shardstate.store.upload import upload_state
 
     for key, value in server.env().items():
@@ -193,6 +198,7 @@ def test_a_pp_state_in_s3_inspects_loads_and_reshards(server, family_dir, refere
     upload_state(tmp_path / "pp2", url)
     info = inspect_location(url, tmp_path / "cache")
     assert info["ok"] and (info["tp_size"], info["pp_size"]) == (1, 2)
+    assert [check.ok for check in verify_location(url, tmp_path / "cache-verify")] == [True, True]
     with LLM(url, pipeline_parallel_size=2, cache_dir=tmp_path / "cache") as llm:
         assert generate(llm) == reference("qwen3-moe")
         assert [[Path(f).name for f in r.fetched_files] for r in llm.load_reports] == [

@@ -20,6 +20,9 @@ def print_generation(outputs: list[Output], reports: list[LoadReport], as_json: 
         if out.text is not None:
             print(f"  text:   {out.text!r}")
     print(load_table([("", r) for r in reports]))
+    if reports and reports[0].resharded_from is not None:
+        pp = reports[0].resharded_from_pp or 1
+        print(f"resharded on load from TP={reports[0].resharded_from}" + (f" PP={pp}" if pp > 1 else ""))
 
 
 def load_table(rows: list[tuple[str, LoadReport]]) -> str:
