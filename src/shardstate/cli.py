@@ -19,7 +19,7 @@ from shardstate.io.engine import IO_MODES
 from shardstate.io.s3 import is_s3
 from shardstate.loaders import LOAD_FORMATS
 from shardstate.models import OpenedModel
-from shardstate.parallel.pipeline import MAX_PP
+from shardstate.parallel.pipeline import MAX_PP, layout_name
 from shardstate.quant.methods import METHODS
 from shardstate.runtime.llm import IO_THREADS_RANGE, TIMEOUT_RANGE_S
 from shardstate.spec import MAX_TP
@@ -101,8 +101,7 @@ def run_convert(args: argparse.Namespace) -> None:
         print(json.dumps(dataclasses.asdict(report)))
         return
     rate = (report.bytes_read + report.bytes_written) / report.seconds / 1e9
-    layout = f"TP={args.tp}" + (f" PP={args.pp}" if args.pp > 1 else "")
-    print(f"converted {args.src} -> {args.out} at {layout}: {len(report.files)} files, read "
+    print(f"converted {args.src} -> {args.out} at {layout_name(args.tp, args.pp)}: {len(report.files)} files, read "
           f"{report.bytes_read / 1e6:.1f} MB, wrote {report.bytes_written / 1e6:.1f} MB in "
           f"{report.seconds:.2f}s ({rate:.2f} GB/s read+write)")
 
@@ -119,8 +118,8 @@ def run_save(args: argparse.Namespace) -> None:
     with start_llm(args.src, args) as llm:
         files = llm.save_sharded_state(args.out, max_size=args.max_part_size, force=args.force,
                                        for_vllm=args.for_vllm)
-    layout = f"TP={args.tp}" + (f" PP={args.pp}" if args.pp > 1 else "")
-    print(f"saved {args.src} -> {args.out} at {layout}: {len(files)} files in {time.perf_counter() - start:.2f}s")
+    print(f"saved {args.src} -> {args.out} at {layout_name(args.tp, args.pp)}: {len(files)} files in "
+          f"{time.perf_counter() - start:.2f}s")
 
 
 def run_upload(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import is_s3
 from shardstate.models import build_on_meta, open_model, quantize_after_load
 from shardstate.parallel.distributed import TPGroup
+from shardstate.parallel.pipeline import layout_name
 from shardstate.progress import Progress
 from shardstate.quant.methods import method_named
 from shardstate.sources import CheckpointSource, QuantizingSource, ShardedSource, TensorSource
@@ -107,8 +108,7 @@ def convert(
             source = QuantizingSource(source, method, torch_dtype, quantized)
         writers = [plans[rank // tp_size].writer(tmp, rank) for rank in range(tp_size * pp_size)]
         source_sizes = account.sizes(source.files)
-        layout = f"TP={tp_size}" + (f" PP={pp_size}" if pp_size > 1 else "")
-        progress = Progress(f"convert to {layout}", sum(source_sizes.values()), show_progress)
+        progress = Progress(f"convert to {layout_name(tp_size, pp_size)}", sum(source_sizes.values()), show_progress)
         try:
             for stage, params in enumerate(stage_params):
                 for name, param in params.items():

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from shardstate.loaders import LoadReport
+from shardstate.parallel.pipeline import layout_name
 from shardstate.runtime.prompts import Output
 
 
@@ -21,8 +22,7 @@ def print_generation(outputs: list[Output], reports: list[LoadReport], as_json: 
             print(f"  text:   {out.text!r}")
     print(load_table([("", r) for r in reports]))
     if reports and reports[0].resharded_from is not None:
-        pp = reports[0].resharded_from_pp or 1
-        print(f"resharded on load from TP={reports[0].resharded_from}" + (f" PP={pp}" if pp > 1 else ""))
+        print(f"resharded on load from {layout_name(reports[0].resharded_from, reports[0].resharded_from_pp or 1)}")
 
 
 def load_table(rows: list[tuple[str, LoadReport]]) -> str:

@@ -25,17 +25,12 @@ from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget
 from shardstate.loaders.resharded import load_resharded
+from shardstate.parallel.pipeline import layout_name
 from shardstate.spec import ShardSpec
 from shardstate.store.model_dir import ModelDir
 from shardstate.store.remote import load_rank_files
 
 Stages = list[dict[str, torch.Tensor]]  # each pipeline stage's parameters (on meta, each with its `.spec`)
-
-
-def layout(tp_size: int, pp_size: int, options: bool = False) -> str:
-    """"TP=2", "TP=2 PP=2", or as options "--tp 2 --pp 2" (PP only where it is not 1)."""
-    tp, pp = ("--tp {}", " --pp {}") if options else ("TP={}", " PP={}")
-    return tp.format(tp_size) + (pp.format(pp_size) if pp_size > 1 else "")
 
 
 def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec] | list[dict[str, ShardSpec] | None],
@@ -54,9 +49,9 @@ def open_for_load(directory: ModelDir, specs: dict[str, ShardSpec] | list[dict[s
         why = (": a directory without shardstate.json (written by vLLM?) records no specs to reshard from"
                if state.manifest is None else "")
         raise ShardstateError(
-            f"saved for {layout(state.tp_size, state.pp_size)}, running {layout(*running)}{why}", model_dir,
-            f"run with {layout(state.tp_size, state.pp_size, True)}, or "
-            f"`shardstate convert {model_dir} OUT {layout(*running, True)}`",
+            f"saved for {layout_name(state.tp_size, state.pp_size)}, running {layout_name(*running)}{why}",
+            model_dir, f"run with {layout_name(state.tp_size, state.pp_size, True)}, or "
+                       f"`shardstate convert {model_dir} OUT {layout_name(*running, True)}`",
         )
     if state.dtype != dtype:
         saved = DTYPE_NAMES[state.dtype]

@@ -41,6 +41,12 @@ def layer_partition(num_layers: int, pp_size: int, override: str | None = None) 
     return partition
 
 
+def layout_name(tp_size: int, pp_size: int = 1, options: bool = False) -> str:
+    """"TP=2", "TP=2 PP=2", or as options "--tp 2 --pp 2" (PP named only where it is not 1)."""
+    tp, pp = ("--tp {}", " --pp {}") if options else ("TP={}", " PP={}")
+    return tp.format(tp_size) + (pp.format(pp_size) if pp_size > 1 else "")
+
+
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int, partition: Sequence[int] | None = None) -> range:
     """The global indices of the layers stage `pp_rank` holds (vLLM's `get_pp_indices` as a range; with
     `partition`, that split instead: a state's own). At PP=1 every layer, whatever $VLLM_PP_LAYER_PARTITION
