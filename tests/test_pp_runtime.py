@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import checkpoint_maker, transformers_greedy
-from rank_files import assert_same_directory, rank_tensors, stage_tensors
+from rank_files import assert_same_directory, rank_file_differences, rank_tensors, stage_tensors
 from shardstate import LLM
 from shardstate.convert import convert
 from test_families import FAMILIES
@@ -226,3 +226,7 @@ def test_a_vllm_written_pp_directory_loads_at_its_layout_only(family_dir, refere
     refused = shardstate("generate", str(state), "--prompt-ids", "1")
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
     assert "saved for TP=1 PP=2, running TP=1: a directory without shardstate.json" in refused.stderr
+    convert(state, tmp_path / "from-vllm", 2)  # convert reshards it with the model's specs
+    convert(family_dir("llama-tied-3"), tmp_path / "direct", 2)
+    # the same tensors (the manifests differ: their source is vLLM's files)
+    assert rank_file_differences(tmp_path / "from-vllm", tmp_path / "direct", 2) == []

@@ -29,6 +29,7 @@ from shardstate.format.manifest import (
 from shardstate.format.safetensors_header import DTYPE_NAMES, DTYPES, SafetensorsHeader, read_header
 from shardstate.io.files import read_regular
 from shardstate.io.reader import ReadAccount
+from shardstate.parallel.pipeline import layout_name
 from shardstate.spec import ShardSpec
 
 VLLM_SCALES = ("_q_scale", "_k_scale", "_v_scale", "_prob_scale")  # F32 1.0 scalars vLLM's files carry
@@ -136,7 +137,8 @@ def check_inside(path: Path, root: Path) -> None:
 
 def warn_legacy(state: ShardedState) -> None:
     print(
-        f"warning: {state.root} has no shardstate.json (written by vLLM?): loading at TP={state.tp_size} with "
+        f"warning: {state.root} has no shardstate.json (written by vLLM?): loading at "
+        f"{layout_name(state.tp_size, state.pp_size)} with "
         "strict key and shape checks, but its integrity cannot be checked",
         file=sys.stderr,
     )
