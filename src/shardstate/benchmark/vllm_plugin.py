@@ -29,8 +29,8 @@ from shardstate.store.upload import upload_state
 
 BUCKET = "shardstate-bench"
 REPEATS = 1
-AUTO, SHARDED, MISS, HIT, S3 = ("vLLM auto", "vLLM sharded_state", "shardstate miss", "shardstate hit",
-                                "shardstate state=s3://")
+AUTO, SHARDED, MISS, HIT, UNVERIFIED, S3 = ("vLLM auto", "vLLM sharded_state", "shardstate miss", "shardstate hit",
+                                            "shardstate hit, verify off", "shardstate state=s3://")
 MISS_LINE = re.compile(r"shardstate: miss \S+: rank \d+ loaded by vLLM's default loader in ([0-9.]+) s, cached \d+ "
                        r"bytes in ([0-9.]+) s")
 READ_LINE = re.compile(r"shardstate: (?:hit|state) \S+: rank \d+ read \d+ bytes in \d+ files in ([0-9.]+) s")
@@ -126,17 +126,20 @@ def _runs(python: Path, model_dir: Path, state: Path, url: str | None, s3_env: d
             warm_or_cold(files, cache, every)
             outcomes.append(plugin_run(python, model, tp, load_format, None, {}))
         record(name, outcomes)
-    misses, hits = [], []
+    misses, hits, unverified = [], [], []
     for n in range(REPEATS):
         entries = work / f"cache-{tp}-{cache}-{n}"
         warm_or_cold(weight_files(model_dir), cache, every)
         misses.append(plugin_run(python, model_dir, tp, "shardstate", {"cache_dir": str(entries)}, {}))
         entry_files = sorted(p for p in entries.glob("*/*.safetensors"))
-        warm_or_cold(entry_files, cache, every + entry_files)
-        hits.append(plugin_run(python, model_dir, tp, "shardstate", {"cache_dir": str(entries)}, {}))
+        for outcomes, verify in ((hits, True), (unverified, False)):
+            warm_or_cold(entry_files, cache, every + entry_files)
+            outcomes.append(plugin_run(python, model_dir, tp, "shardstate",
+                                       {"cache_dir": str(entries), "verify": verify}, {}))
         shutil.rmtree(entries, ignore_errors=True)
     record(MISS, misses)
     record(HIT, hits)
+    record(UNVERIFIED, unverified)
     if url is not None and cache == "warm":
         outcomes = []
         for n in range(REPEATS):
