@@ -230,3 +230,15 @@ def test_a_vllm_written_pp_directory_loads_at_its_layout_only(family_dir, refere
     convert(family_dir("llama-tied-3"), tmp_path / "direct", 2)
     # the same tensors (the manifests differ: their source is vLLM's files)
     assert rank_file_differences(tmp_path / "from-vllm", tmp_path / "direct", 2) == []
+
+
+def test_a_pp_size_no_run_can_use_is_refused_before_any_worker(family_dir):
+    import os
+
+    from shardstate.errors import ShardstateError
+
+    cores = os.cpu_count() or 1
+    with pytest.raises(ShardstateError, match=f"TP x PP = {8 * cores + 2} ranks is more than 4 ranks per CPU core"):
+        LLM(family_dir("qwen3"), tensor_parallel_size=1, pipeline_parallel_size=8 * cores + 2)
+    with pytest.raises(ShardstateError, match="PP size 0 is not a positive integer: use --pp 1 or more"):
+        LLM(family_dir("qwen3"), pipeline_parallel_size=0)

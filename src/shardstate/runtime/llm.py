@@ -52,19 +52,23 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_run_options(tp_size: int, io: str, io_threads: int | None, timeout: float) -> None:
+def check_run_options(tp_size: int, io: str, io_threads: int | None, timeout: float, pp_size: int = 1) -> None:
     """Refuse options no run can use, each with one line, before anything starts."""
     if not _is_int(tp_size):
         raise ShardstateError(f"TP size {tp_size!r} is not an integer", None, "use --tp 1 or more")
+    if not (_is_int(pp_size) and pp_size >= 1):
+        raise ShardstateError(f"PP size {pp_size!r} is not a positive integer", None, "use --pp 1 or more")
+    ranks = tp_size * pp_size
+    what, option = (f"TP size {tp_size}", "--tp") if pp_size == 1 else (f"TP x PP = {ranks} ranks", "TP x PP")
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        if tp_size > gpus:
-            raise ShardstateError(f"TP size {tp_size} needs {tp_size} GPUs, this host has {gpus}", None,
-                                  f"use --tp {gpus} or less, or torchrun over several hosts")
-    elif tp_size > RANKS_PER_CPU_CORE * (os.cpu_count() or 1):
+        if ranks > gpus:
+            raise ShardstateError(f"{what} needs {ranks} GPUs, this host has {gpus}", None,
+                                  f"use {option} {gpus} or less, or torchrun over several hosts")
+    elif ranks > RANKS_PER_CPU_CORE * (os.cpu_count() or 1):
         cores = os.cpu_count() or 1
-        raise ShardstateError(f"TP size {tp_size} is more than {RANKS_PER_CPU_CORE} ranks per CPU core on this "
-                              f"host ({cores} cores)", None, f"use --tp {RANKS_PER_CPU_CORE * cores} or less")
+        raise ShardstateError(f"{what} is more than {RANKS_PER_CPU_CORE} ranks per CPU core on this "
+                              f"host ({cores} cores)", None, f"use {option} {RANKS_PER_CPU_CORE * cores} or less")
     if io not in IO_MODES:
         raise ShardstateError(f"unknown I/O mode '{io}'", None, f"use one of {', '.join(IO_MODES)}")
     low, high = IO_THREADS_RANGE
@@ -103,11 +107,8 @@ class LLM:
         cache_dir: str | os.PathLike[str] | None = None,
         pipeline_parallel_size: int = 1,
     ) -> None:
-        if not (_is_int(pipeline_parallel_size) and pipeline_parallel_size >= 1):
-            raise ShardstateError(f"PP size {pipeline_parallel_size!r} is not a positive integer", None,
-                                  "use --pp 1 or more")
-        world = tensor_parallel_size * pipeline_parallel_size if _is_int(tensor_parallel_size) else tensor_parallel_size
-        check_run_options(world, io, io_threads, timeout)
+        check_run_options(tensor_parallel_size, io, io_threads, timeout, pipeline_parallel_size)
+        world = tensor_parallel_size * pipeline_parallel_size
         if isinstance(model, OpenedModel) and dtype is not None:
             raise ShardstateError("dtype given for a model already opened", None, "pass it to open_model instead")
         opened = model if isinstance(model, OpenedModel) else open_model(model, dtype, cache_dir)
