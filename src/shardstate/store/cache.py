@@ -212,7 +212,8 @@ def remove(entry: CacheEntry) -> None:
     refused while another process builds it."""
     lock = EntryLock(entry)
     if not lock.acquire():
-        raise ShardstateError("the entry is being built by a running process", entry.path, "try again when it has finished")
+        raise ShardstateError("the entry is being built by a running process", entry.path,
+                              "try again when it has finished")
     try:
         aside = entry.root / f".{entry.name}.replaced-rm"
         with failing_as("cannot remove the cache entry", entry.path, TODO):
