@@ -37,7 +37,7 @@ $(VLLM_STAMP): pyproject.toml tests/requirements-s3.txt
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -rP -m vllm tests/test_vllm_interop.py tests/test_vllm_quantized.py \
-		tests/test_vllm_plugin.py
+		tests/test_vllm_plugin.py tests/test_vllm_pp.py
 
 # Load-time benchmark (~2.4 GB model made once); vLLM is measured too when .venv-vllm exists (make test-vllm).
 bench: $(STAMP)

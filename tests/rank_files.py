@@ -40,21 +40,24 @@ def assert_same_directory(a: Path, b: Path) -> None:
     assert file_digests(a) == file_digests(b), f"{a} and {b} differ"
 
 
-def rank_file_differences(ours: Path, theirs: Path, tp: int) -> list[str]:
-    """Every key, shape, dtype or value where shardstate's rank files (`ours`) and vLLM's differ."""
+def rank_file_differences(ours: Path, theirs: Path, tp: int, pp: int = 1) -> list[str]:
+    """Every key, shape, dtype or value where shardstate's rank files (`ours`) and vLLM's differ; with pp > 1
+    stage by stage (`model-pp-P-tp-T-part-N` files)."""
     problems = []
-    for rank in range(tp):
-        mine, vllms = rank_tensors(ours, rank), rank_tensors(theirs, rank)
+    for stage, rank in [(s, t) for s in range(pp) for t in range(tp)]:
+        if pp == 1:
+            who, mine, vllms = f"rank {rank}", rank_tensors(ours, rank), rank_tensors(theirs, rank)
+        else:
+            who = f"pp {stage} tp {rank}"
+            mine, vllms = stage_tensors(ours, stage, rank), stage_tensors(theirs, stage, rank)
         for key in sorted(mine.keys() - vllms.keys()):
-            problems.append(f"rank {rank}: only shardstate has {key} {list(mine[key].shape)} {mine[key].dtype}")
+            problems.append(f"{who}: only shardstate has {key} {list(mine[key].shape)} {mine[key].dtype}")
         for key in sorted(vllms.keys() - mine.keys()):
-            problems.append(f"rank {rank}: only vLLM has {key} {list(vllms[key].shape)} {vllms[key].dtype}")
+            problems.append(f"{who}: only vLLM has {key} {list(vllms[key].shape)} {vllms[key].dtype}")
         for key in sorted(mine.keys() & vllms.keys()):
             a, b = mine[key], vllms[key]
             if a.shape != b.shape or a.dtype != b.dtype:
-                problems.append(f"rank {rank}: {key} shardstate {list(a.shape)} {a.dtype}, "
-                                f"vLLM {list(b.shape)} {b.dtype}")
+                problems.append(f"{who}: {key} shardstate {list(a.shape)} {a.dtype}, vLLM {list(b.shape)} {b.dtype}")
             elif not a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8)):
-                problems.append(f"rank {rank}: {key} {list(a.shape)} values differ")
+                problems.append(f"{who}: {key} {list(a.shape)} values differ")
     return problems
-
