@@ -28,6 +28,9 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_for_the_driver_not_lost():
     queue = context.Queue()
     worker_end, driver_end = lifeline(context)
     proc = context.Process(target=_worker, args=(queue, worker_end), daemon=True)
+    # a driver that acts on Ctrl-C (an earlier test in this process may have left SIGINT ignored, and an
+    # ignored Ctrl-C is rightly still ignored after the start)
+    earlier = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             with starting_worker():
@@ -45,5 +48,6 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_for_the_driver_not_lost():
         proc.join(timeout=60)
         assert proc.exitcode == 0
     finally:
+        signal.signal(signal.SIGINT, earlier)
         proc.kill()
         driver_end.close()
