@@ -21,7 +21,7 @@ from shardstate.format.sharded_state import ShardedState, index_rank
 from shardstate.io.digests import digest_mismatch
 from shardstate.io.engine import Span, read_spans
 from shardstate.io.reader import Arrivals, ReadAccount, byte_view
-from shardstate.loaders.sharded import expected_digests
+from shardstate.loaders.sharded import expected_digests, needs_of
 from shardstate.store.remote import RemoteOrigin, load_rank_files
 
 THREADS = 4
@@ -38,10 +38,6 @@ class ReadReport:
     @property
     def gb_per_s(self) -> float:
         return self.bytes_read / max(self.seconds, 1e-9) / 1e9
-
-
-def needs_of(params: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
 
 
 def read_rank(state: ShardedState, rank: int, params: dict[str, torch.Tensor], verify: bool,
