@@ -10,7 +10,7 @@ from shardstate.format.safetensors_header import SafetensorsHeader, TensorEntry,
 from shardstate.format.strict_json import loads_strict
 from shardstate.io.files import read_regular
 from shardstate.io.reader import ReadAccount
-from shardstate.io.storage import RemoteFiles
+from shardstate.io.s3 import RemoteFiles
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

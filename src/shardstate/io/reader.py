@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from shardstate.errors import ShardstateError
-from shardstate.io.storage import FetchReport, FileReader, LocalFile, RemoteFiles
+from shardstate.io.s3 import RemoteFiles
+from shardstate.io.storage import FetchReport, FileReader, LocalFile
 
 
 class Arrivals:

@@ -21,7 +21,6 @@ from typing import Any
 
 from shardstate.errors import ShardstateError, brief, failing_as
 from shardstate.io.crc32 import crc32_combine
-from shardstate.io.storage import ObjectInfo
 
 SCHEME = "s3://"
 RANGE_BYTES = 16 << 20  # one ranged GET
@@ -32,6 +31,12 @@ READ_TIMEOUT_S = 30.0
 ATTEMPTS = 4  # botocore's retries, with its exponential backoff
 SMALL_OBJECT_LIMIT = 64 << 20  # an object read whole into memory (config, tokenizer, index, side files)
 CACHE_TODO = "free space in the cache directory (--cache-dir), or choose another"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str  # the server's version tag: every ranged GET asks for exactly this version (If-Match)
 
 
 def is_s3(location: str | os.PathLike[str]) -> bool:
@@ -347,3 +352,20 @@ class ObjectFile:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class RemoteFiles:
+    """Files of `root` (a node cache directory) whose bytes are still objects under `url`, by name.
+    Picklable (workers receive it); each process opens its own client."""
+
+    root: Path
+    url: str  # s3://bucket/prefix
+    objects: dict[str, ObjectInfo]
+    parallel: int  # ranged GETs in flight per file
+
+    def holds(self, path: Path) -> bool:
+        return path.parent == self.root and path.name in self.objects
+
+    def open(self, path: Path) -> ObjectFile:
+        return ObjectFile(store_for(S3Location.parse(self.url)), path.name, self.objects[path.name], self.parallel)

@@ -1,8 +1,8 @@
 """The storage protocol every reader goes through: a file is opened as a `FileReader` (its size, ranged
 reads straight into a caller's buffer, how many reads suit it in flight). `LocalFile` is pread on a
-regular file; io/s3.py's `ObjectFile` is ranged GETs on an object. `RemoteFiles` says which files of a
-local directory (a node cache) are, for now, objects: the engine, the loaders and the header parser ask
-the `ReadAccount` for a reader by path and never see the difference."""
+regular file; io/s3.py's `ObjectFile` is ranged GETs on an object, and its `RemoteFiles` says which files
+of a local directory (a node cache) are, for now, objects: the engine, the loaders and the header parser
+ask the `ReadAccount` for a reader by path and never see the difference."""
 
 from __future__ import annotations
 
@@ -52,31 +52,6 @@ class LocalFile:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    size: int
-    etag: str  # the server's version tag: every ranged GET asks for exactly this version (If-Match)
-
-
-@dataclass(frozen=True)
-class RemoteFiles:
-    """Files of `root` (a node cache directory) whose bytes are still objects under `url`, by name.
-    Picklable (workers receive it); each process opens its own client."""
-
-    root: Path
-    url: str  # s3://bucket/prefix
-    objects: dict[str, ObjectInfo]
-    parallel: int  # ranged GETs in flight per file
-
-    def holds(self, path: Path) -> bool:
-        return path.parent == self.root and path.name in self.objects
-
-    def open(self, path: Path) -> FileReader:
-        from shardstate.io.s3 import ObjectFile, S3Location, store_for
-
-        return ObjectFile(store_for(S3Location.parse(self.url)), path.name, self.objects[path.name], self.parallel)
 
 
 @dataclass

@@ -13,8 +13,7 @@ from pathlib import Path
 from shardstate.config import read_config_json
 from shardstate.errors import naming
 from shardstate.format.sharded_state import ShardedState, is_sharded_state, open_sharded_state
-from shardstate.io.s3 import is_s3
-from shardstate.io.storage import RemoteFiles
+from shardstate.io.s3 import RemoteFiles, is_s3
 from shardstate.store.remote import RemoteOrigin, fetch_metadata, fetch_rank_files
 
 

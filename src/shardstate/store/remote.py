@@ -35,8 +35,18 @@ from shardstate.io.crc32 import crc32_combine
 from shardstate.io.engine import Span, read_spans
 from shardstate.io.files import open_regular
 from shardstate.io.reader import ReadAccount
-from shardstate.io.s3 import CACHE_TODO, DEFAULT_RANGES, SMALL_OBJECT_LIMIT, S3Location, S3Store, store_for, write_all
-from shardstate.io.storage import FetchReport, ObjectInfo, RemoteFiles
+from shardstate.io.s3 import (
+    CACHE_TODO,
+    DEFAULT_RANGES,
+    SMALL_OBJECT_LIMIT,
+    ObjectInfo,
+    RemoteFiles,
+    S3Location,
+    S3Store,
+    store_for,
+    write_all,
+)
+from shardstate.io.storage import FetchReport
 from shardstate.processes import process_tag, tag_alive
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
