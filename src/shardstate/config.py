@@ -1,5 +1,6 @@
 """The part of a Hugging Face config.json that a decoder family's TP model needs, validated. Each family
-(models/<family>.py) reads its config with a ConfigReader; models.load_config picks the family."""
+(models/<family>.py) reads its config with a ConfigReader; models.load_config picks the family. (Reading
+the file itself is format/config_json.py's.)"""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from shardstate.dtypes import DTYPE_ALIASES
 from shardstate.errors import ShardstateError, brief
-from shardstate.format.strict_json import loads_strict
-from shardstate.io.files import read_regular
+from shardstate.format.dtypes import DTYPE_ALIASES
 
 VOCAB_PADDING = 64  # vLLM pads the vocabulary to a multiple of 64 before splitting it across ranks
 
@@ -31,7 +30,6 @@ MAX_HEADS = 4096  # attention and key/value heads
 MAX_HEAD_DIM = 4096
 MAX_POSITIONS = 1 << 24
 MAX_EXPERTS = 4096
-CONFIG_NAME = "config.json"
 DEFAULT_MAX_POSITIONS = 2048  # transformers' LlamaConfig default when config.json has none
 
 
@@ -119,26 +117,6 @@ class ModelConfig:
             raise refuse("shared_expert_intermediate_size", self.moe.shared_intermediate_size)
         if self.padded_vocab_size % tp_size:
             raise refuse("the padded vocab size", self.padded_vocab_size)
-
-
-def read_config_json(model_dir: str | Path) -> tuple[dict, bytes, Path]:
-    """MODEL/config.json as a dict, its bytes and its path; one clear error for anything else."""
-    if not Path(model_dir).is_dir():
-        raise ShardstateError("not a directory", Path(model_dir), "pass a Hugging Face model directory")
-    path = Path(model_dir) / CONFIG_NAME
-    try:
-        raw = read_regular(path)
-    except FileNotFoundError:
-        raise ShardstateError("config.json not found", Path(model_dir), "pass a Hugging Face model directory") from None
-    except OSError as exc:
-        raise ShardstateError(f"cannot read config.json ({exc.strerror})", path, "check permissions") from None
-    try:
-        cfg = loads_strict(raw)
-    except ValueError as exc:
-        raise ShardstateError(f"config.json is not valid JSON ({exc})", path, "repair the file") from None
-    if not isinstance(cfg, dict):
-        raise ShardstateError("config.json is not a JSON object", path, "repair the file")
-    return cfg, raw, path
 
 
 def architecture_of(cfg: dict) -> str | None:

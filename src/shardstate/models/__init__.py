@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from shardstate import memory
-from shardstate.config import ConfigReader, ModelConfig, architecture_of, read_config_json
-from shardstate.dtypes import resolve_dtype
+from shardstate.config import ConfigReader, ModelConfig, architecture_of
 from shardstate.errors import ShardstateError, brief
+from shardstate.format.config_json import read_config_json
 from shardstate.models.decoder import DecoderForCausalLM
 from shardstate.models.llama import LlamaForCausalLM
 from shardstate.models.mistral import MistralForCausalLM
@@ -28,7 +28,7 @@ from shardstate.quant.apply import declare_quantized
 from shardstate.quant.methods import method_named
 from shardstate.quant.vllm import QUANTIZATION_CONFIG, declares_quantization, with_quantization_config
 from shardstate.spec import ShardSpec
-from shardstate.store.model_dir import ModelDir, open_model_dir
+from shardstate.store.model_dir import ModelDir, open_model_dir, resolve_dtype
 
 FAMILIES: dict[str, type[DecoderForCausalLM]] = {
     family.__name__: family for family in (
@@ -157,7 +157,7 @@ def _opened(directory: ModelDir, dtype: str | None) -> OpenedModel:
         raise ShardstateError(f"config.json declares a quantization_config ({brief(method)}): shardstate reads "
                               "unquantized checkpoints and its own quantized states", directory.config_path,
                               "use the unquantized checkpoint, with --quantize int8|fp8")
-    return OpenedModel(directory, config, resolve_dtype(dtype, config, directory), stored)
+    return OpenedModel(directory, config, resolve_dtype(dtype, config.dtype, directory), stored)
 
 
 def build_on_meta(config: ModelConfig, group: TPGroup, dtype: torch.dtype,

@@ -10,9 +10,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardstate.config import read_config_json
+import torch
+
 from shardstate.errors import naming
+from shardstate.format.checkpoint import open_checkpoint
+from shardstate.format.config_json import read_config_json
+from shardstate.format.dtypes import parse_dtype
 from shardstate.format.sharded_state import ShardedState, is_sharded_state, open_sharded_state
+from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import RemoteFiles, is_s3
 from shardstate.store.remote import RemoteOrigin, fetch_metadata, fetch_rank_files
 
@@ -66,3 +71,22 @@ def fetch_every_rank(directory: ModelDir) -> None:
     if directory.remote is not None and directory.state is not None and directory.state.manifest is not None:
         for rank in range(directory.state.world_size):
             fetch_rank_files(directory.remote, directory.state.manifest, rank)
+
+
+def resolve_dtype(requested: str | None, declared: torch.dtype | None, directory: ModelDir) -> torch.dtype:
+    """What was asked for; else a sharded state's dtype (manifest, or a vLLM directory's weights); else
+    `declared` (config.json's); else the weights' (read as the loaders read them: in place for a
+    checkpoint in S3)."""
+    if requested and requested != "auto":
+        return parse_dtype(requested)
+    if directory.state is not None:  # a sharded state holds exactly one dtype
+        return directory.state.dtype
+    if declared is not None:
+        return declared
+    with ReadAccount(directory.remote_weights()) as account:
+        headers = open_checkpoint(directory.path, account).headers
+    for header in headers:
+        for entry in header.tensors.values():
+            if entry.dtype.is_floating_point:
+                return entry.dtype
+    return torch.float32

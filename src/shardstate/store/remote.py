@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from shardstate.config import CONFIG_NAME
 from shardstate.errors import ShardstateError, failing_as
 from shardstate.format.checkpoint import PICKLE_SUFFIXES
+from shardstate.format.config_json import CONFIG_NAME
 from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_plain_name, parse_manifest
 from shardstate.format.sharded_state import LEGACY_FILE
 from shardstate.format.strict_json import loads_strict

@@ -13,9 +13,10 @@ from typing import BinaryIO
 
 import torch
 
-from shardstate.config import CONFIG_NAME, ModelConfig
+from shardstate.config import ModelConfig
 from shardstate.errors import failing_as
 from shardstate.format.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+from shardstate.format.config_json import CONFIG_NAME
 from shardstate.format.manifest import (
     MANIFEST_NAME,
     PENDING_STATE_ID,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from shardstate.config import CONFIG_NAME
+from shardstate.format.config_json import CONFIG_NAME
 from shardstate.format.manifest import (
     PENDING_STATE_ID,
     PP1_PATTERN,

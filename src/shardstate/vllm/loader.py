@@ -24,8 +24,8 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 
-from shardstate.config import read_config_json
 from shardstate.errors import ShardstateError
+from shardstate.format.config_json import read_config_json
 from shardstate.format.manifest import FORMAT_VERSION
 from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.sharded_state import open_sharded_state
