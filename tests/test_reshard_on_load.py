@@ -71,8 +71,9 @@ def test_a_state_loads_at_another_tp_size_as_its_convert(family_dir, tmp_path, n
 
 
 def test_a_state_loads_split_further_at_tp4(family_dir, tmp_path):
-    """2 -> 4 (each saved box cut in two: dim-1 splits read run by run) for an MoE with a shared expert;
-    greedy tokens equal those of the direct convert."""
+    """2 -> 4 (each saved box cut in two) for an MoE with a shared expert; greedy tokens equal those of the
+    direct convert. Rank n reads within saved rank n // 2's files only: dim-1 splits in whole rows (a few
+    large reads, not one per row: loaders/boxes.py), dim-0 splits exactly."""
     src = family_dir("qwen2-moe")
     convert(src, tmp_path / "tp2", 2)
     convert(src, tmp_path / "tp4", 4)
@@ -83,8 +84,10 @@ def test_a_state_loads_split_further_at_tp4(family_dir, tmp_path):
         assert_loads_as_its_convert(llm, tmp_path / "tp4")
         assert [o.token_ids for o in llm.generate(prompts, max_new_tokens=6, ignore_eos=True)] == expected
         ratios = [r.bytes_read / own_share(tmp_path / "tp4", n) for n, r in enumerate(llm.load_reports)]
-    print(f"qwen2-moe 2 -> 4: bytes read / own share per rank {[round(r, 3) for r in ratios]}")
-    assert all(ratio <= ALIGNED_READ_LIMIT for ratio in ratios), ratios
+        saved = [r.bytes_read / own_share(tmp_path / "tp2", n // 2) for n, r in enumerate(llm.load_reports)]
+    print(f"qwen2-moe 2 -> 4: bytes read / own share per rank {[round(r, 3) for r in ratios]}, "
+          f"/ its saved rank's share {[round(r, 3) for r in saved]}")
+    assert all(ratio <= 1 for ratio in saved), (ratios, saved)
 
 
 def shardstate(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
