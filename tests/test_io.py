@@ -4,6 +4,8 @@ model (bit-identical parameters, identical greedy tokens) as the default loader.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from shardstate import LLM
 from shardstate.convert import convert
 from shardstate.errors import ShardstateError
 from shardstate.io import engine
+from shardstate.io.arena import Reservation
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
@@ -107,22 +110,50 @@ def test_chunks_start_on_tensor_boundaries_when_checking(monkeypatch):
     assert engine._cut(0, 250, []) == [(0, 100), (100, 200), (200, 250)]
 
 
+def test_reserved_memory_is_what_a_read_fills(data_files):
+    """A Reservation (io/arena.py): the read lands in the reserved arena itself, faulted in by its thread or
+    by the read; one too small for the spans is let go for a fresh arena, with the same bytes."""
+    spans = [Span(data_files[0], 24, 3 * 4096 + 17), Span(data_files[1], 8, 10_000)]
+    needed = 3 * 4096 + 17 - 24 + 64 + 10_000 - 8
+    for size, inside in ((needed, True), (100, False)):
+        memory = Reservation(size)
+        reserved = memory.arena(0).tensor
+        with ReadAccount() as account:
+            got = read_spans(spans, "read", account, 2, scratch=memory)
+        assert [bytes(t.numpy()) for t in got] == expected_bytes(spans)
+        assert (got[0].untyped_storage().data_ptr() == reserved.untyped_storage().data_ptr()) == inside
+        memory.release()
+        assert memory.size == 0
+
+
+def test_a_worker_reserves_its_memory_before_importing_torch():
+    """runtime/worker_start.py runs first in a spawned worker: importing it must not pull torch in, or the
+    pages could not be faulted in while torch loads."""
+    code = "import sys, shardstate.runtime.worker_start; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_truncated_file_is_an_error(data_files):
     with ReadAccount() as account, pytest.raises(ShardstateError, match="truncated"):
         read_spans([Span(data_files[1], 0, 20_000)], "read", account)
 
 
-def test_every_io_mode_loads_the_same_model(checkpoints, tmp_path):
+def test_every_io_mode_loads_the_same_model(checkpoints, tmp_path, monkeypatch):
+    """Also --io read with the reserved, pre-faulted load memory and huge pages each on and off."""
     src = checkpoints["gqa_untied"]
     convert(src, tmp_path / "tp2", 2)
     with LLM(src, tensor_parallel_size=2, load_format="default") as llm:
         reference = llm.rank_state_dicts()
         tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
-    for io, threads in [("read", 1), ("read", 2), ("mmap", 1), ("direct", 1)]:
+    for io, threads, prefault, hugepages in [("read", 1, "1", "1"), ("read", 2, "1", "0"), ("read", 2, "0", "1"),
+                                             ("mmap", 1, "1", "1"), ("direct", 1, "1", "1")]:
+        monkeypatch.setenv("SHARDSTATE_PREFAULT", prefault)  # the workers inherit them
+        monkeypatch.setenv("SHARDSTATE_HUGEPAGES", hugepages)
         with LLM(tmp_path / "tp2", tensor_parallel_size=2, io=io, io_threads=threads) as llm:
             for state, expected in zip(llm.rank_state_dicts(), reference, strict=True):
                 assert_states_equal(state, expected)
             assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)] == tokens
             report = llm.load_reports[0]
             assert (report.bytes_mapped > 0) == (io == "mmap")
+            assert (report.bytes_prefaulted > 0) == (io == "read" and prefault == "1")
             assert report.peak_rss > 0

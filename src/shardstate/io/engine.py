@@ -28,16 +28,14 @@ from typing import Protocol
 import torch
 
 from shardstate.errors import ShardstateError
+from shardstate.io.arena import MADV_POPULATE_READ, PAGE, Arena, Scratch, align_down, align_up
 from shardstate.io.digests import StreamingDigests
 from shardstate.io.reader import Arrivals, ReadAccount
 
 IO_MODES = ("read", "mmap", "direct")
 CHUNK = 16 << 20
 HASH_PIECE = 256 << 10  # --verify reads this much at a time and hashes it at once, while it is in L2 cache
-PAGE = mmap.PAGESIZE
 DIRECT_ALIGN = 4096
-MADV_POPULATE_READ = 22  # Linux >= 5.14; Python 3.11's mmap module does not name them
-MADV_POPULATE_WRITE = 23
 
 
 @dataclass(frozen=True)
@@ -49,50 +47,6 @@ class Span:
     @property
     def size(self) -> int:
         return self.end - self.start
-
-
-def _align_down(n: int, a: int) -> int:
-    return n - n % a
-
-
-def _align_up(n: int, a: int) -> int:
-    return -(-n // a) * a
-
-
-class Arena:
-    """One anonymous, page-aligned allocation. Tensors made from it keep it alive. Pages are faulted in
-    chunk by chunk just before each read (`populate`, one madvise per chunk). On the 2-core VM that was
-    faster than faulting inside the copy with one reader thread and about 10% slower with two."""
-
-    def __init__(self, size: int):
-        self.size = max(size, 1)
-        self._map = mmap.mmap(-1, _align_up(self.size, PAGE))
-        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
-
-    def populate(self, offset: int, size: int) -> None:
-        start = _align_down(offset, PAGE)
-        try:
-            self._map.madvise(MADV_POPULATE_WRITE, start, _align_up(offset + size, PAGE) - start)
-        except (OSError, ValueError):  # kernel < 5.14: touch the pages instead, but only at bytes of this range
-            for page in range(_align_up(offset, PAGE), offset + size, PAGE):  # (the page holding `offset` may
-                self._map[page] = 0  # start with bytes another chunk has already read, or is reading now)
-
-    def view(self, offset: int, size: int) -> memoryview:
-        return memoryview(self._map)[offset : offset + size]
-
-
-class Scratch:
-    """An arena kept across reads, for a caller that needs one batch of spans at a time (the converter,
-    one parameter at a time): its pages are faulted in once, not on every read. Tensors from one read
-    are valid until the next read into the same Scratch."""
-
-    def __init__(self) -> None:
-        self._arena: Arena | None = None
-
-    def arena(self, size: int) -> Arena:
-        if self._arena is None or self._arena.size < size:
-            self._arena = Arena(size)  # the old one is freed once the previous read's tensors are gone
-        return self._arena
 
 
 @dataclass(frozen=True)
@@ -182,8 +136,8 @@ def read_spans(
     # Each span's region: in direct mode the aligned file range around it, placed at an aligned address.
     regions, cursor = [], 0
     for span in spans:
-        first, last = _align_down(span.start, align), _align_up(span.end, align)
-        cursor = _align_up(cursor, max(align, 64))
+        first, last = align_down(span.start, align), align_up(span.end, align)
+        cursor = align_up(cursor, max(align, 64))
         regions.append((cursor, first, last))
         cursor += last - first
     arena = scratch.arena(cursor) if scratch is not None else Arena(cursor)
@@ -209,7 +163,7 @@ def read_spans(
 def _map_span(span: Span, account: ReadAccount) -> torch.Tensor:
     fd = account.open_fd(span.path)
     mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
-    start = _align_down(span.start, PAGE)
+    start = align_down(span.start, PAGE)
     with contextlib.suppress(OSError, ValueError):  # map the span's pages now (from disk if cold), so that
         mapping.madvise(MADV_POPULATE_READ, start, span.end - start)  # "loaded" means resident
     account.bytes_mapped += span.size

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from shardstate.errors import ShardstateError
+from shardstate.io.arena import Reservation
 from shardstate.loaders.base import IOOptions, LoadReport, LoadTarget
 from shardstate.loaders.default import load_default
 from shardstate.loaders.scatter import load_scatter
@@ -42,6 +43,7 @@ def load_weights(
     (resharded while loading)."""
     target = LoadTarget.of(model, rank, io, saved)
     loader = LOADERS[resolve_load_format(load_format, directory)]
+    prefaulted = target.io.memory.faulted if isinstance(target.io.memory, Reservation) else 0
     start = time.perf_counter()
     account = loader(target, directory)
     fetch = account.fetch_report
@@ -55,7 +57,7 @@ def load_weights(
     resharded_from = None if state is None else state.tp_size
     return LoadReport(target.file_rank, seconds, account.bytes_read, account.files, account.bytes_mapped, peak_rss,
                       fetch.bytes_fetched, fetch.fetched, fetch.cached, fetch.seconds, resharded_from,
-                      account.unverified, None if state is None else state.pp_size)
+                      account.unverified, None if state is None else state.pp_size, prefaulted)
 
 
 __all__ = ["LOADERS", "LOAD_FORMATS", "IOOptions", "LoadReport", "load_weights", "resolve_load_format"]

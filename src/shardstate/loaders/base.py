@@ -34,6 +34,7 @@ class LoadReport:
     resharded_from: int | None = None  # a state saved at this TP size, resharded while loading
     unverified_tensors: int = 0  # --verify on a reshard: saved tensors read only in part (no digest to check)
     resharded_from_pp: int | None = None  # ...and at this PP size
+    bytes_prefaulted: int = 0  # load memory faulted in while the worker started, before `seconds` began
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -45,6 +46,7 @@ class IOOptions:
     threads: int = 1
     device: str = "cpu"  # where the sharded loader puts parameters (cuda:N reads through pinned buffers)
     verify: bool = False  # sharded: check every tensor's xxh3-64 against the manifest (while reading)
+    memory: Scratch | None = None  # sharded, read on the CPU: the rank's load memory, reserved (io/arena.py)
 
 
 @dataclass(frozen=True)

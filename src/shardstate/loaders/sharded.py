@@ -84,6 +84,22 @@ def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor] | 
             index_rank(state, rank, needs_of(as_saved[rank // state.tp_size]), account)
 
 
+def load_memory(directory: ModelDir, rank: int, io_mode: str, device: str, resharded: bool) -> int:
+    """The bytes world rank `rank`'s sharded load will read into one arena, worth reserving before it starts
+    (io/arena.py); 0 where the load does not read into one (mmap or direct I/O, a GPU, a reshard, an S3
+    state whose files arrive with the load). An upper bound: its files' sizes (every span lies within its
+    file) plus each region's alignment."""
+    state = directory.state
+    if state is None or resharded or io_mode != "read" or device != "cpu" or directory.remote is not None:
+        return 0
+    if state.manifest is not None:
+        return sum(state.manifest.files[name]["size"] + 64 for name in state.manifest.rank_files(rank))
+    try:
+        return sum(path.stat().st_size + 64 for path in state.rank_paths(rank))
+    except OSError:  # the load names what is missing
+        return 0
+
+
 def needs_of(params: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Each tensor's shape and dtype in the rank files: the parameters' own."""
     return {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
@@ -118,7 +134,7 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         if io.device != "cpu" and io.mode == "read":
             memory = read_spans_to_device(spans, torch.device(io.device), account, digests=streaming)
         else:
-            memory = read_spans(spans, io.mode, account, io.threads, streaming)
+            memory = read_spans(spans, io.mode, account, io.threads, streaming, io.memory)
         spans += [Span(path, 0, len(data)) for path, data in fetched.items()]
         for span, data in zip(spans, [*memory, *fetched.values()], strict=True):
             for name in by_file.get(span.path, ()):  # a fetched file may hold only constants

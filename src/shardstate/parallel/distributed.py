@@ -93,8 +93,21 @@ def free_port() -> int:
 
 
 def cores_per_rank(size: int) -> int:
-    """This host's CPU cores shared out between `size` ranks (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // size)
+    """The CPU cores this process may run on (its affinity: what taskset, a cgroup cpuset or an engine's
+    core binding leave it, not the host's count) shared out between `size` ranks (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // size)
+
+
+# Reader threads per rank unless asked: the rank's share of the cores, but at least 2 (one thread's page
+# faults overlap the other's copy: on 2 cores, 2 threads were faster at TP=1 and never slower beyond
+# noise at TP=2 and 4, even with 4 ranks; bench/results.md) and at most 8 (a large host does not
+# start dozens of reader threads per rank).
+MIN_IO_THREADS, MAX_IO_THREADS = 2, 8
+
+
+def reader_threads(size: int) -> int:
+    """How many threads read a rank's files when `size` ranks share this process's cores."""
+    return min(MAX_IO_THREADS, max(MIN_IO_THREADS, cores_per_rank(size)))
 
 
 def device_for(local_rank: int) -> torch.device:

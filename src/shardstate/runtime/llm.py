@@ -22,7 +22,7 @@ from shardstate.format.manifest import PP1_PATTERN, PP_PATTERN, check_pattern
 from shardstate.io.engine import IO_MODES
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders import LoadReport, resolve_load_format
-from shardstate.loaders.sharded import check_before_workers
+from shardstate.loaders.sharded import check_before_workers, load_memory
 from shardstate.models import (
     OpenedModel,
     build_on_meta,
@@ -34,7 +34,8 @@ from shardstate.models import (
 from shardstate.parallel.distributed import cores_per_rank, free_port
 from shardstate.runtime.lifeline import lifeline, starting_worker
 from shardstate.runtime.prompts import Output, PromptCodec
-from shardstate.runtime.worker import WorkerArgs, worker_main
+from shardstate.runtime.worker import WorkerArgs
+from shardstate.runtime.worker_start import start_worker
 from shardstate.stops import forget, on_default_death
 from shardstate.store.output import staged_output
 from shardstate.store.remote import remove_temporaries_of
@@ -140,6 +141,11 @@ class LLM:
         self._live_params = [dict(m.named_parameters()) for m in meta_models]
         args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize, pipeline_parallel_size,
                           self._stages[0].partition)
+        state, device = opened.directory.state, "cuda" if torch.cuda.is_available() else "cpu"  # (device_for)
+        resharded = state is not None and (state.tp_size, state.pp_size) != (tensor_parallel_size,
+                                                                             pipeline_parallel_size)
+        reserve = [load_memory(opened.directory, rank, io, device, resharded) if load_format == "sharded" else 0
+                   for rank in range(world)]  # each worker's load memory, faulted in while it starts
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = cores_per_rank(world)
@@ -153,8 +159,8 @@ class LLM:
                 parent, child = context.Pipe()
                 worker_end, driver_end = lifeline(context)
                 proc = context.Process(
-                    target=worker_main,
-                    args=(child, worker_end, rank, world, init_method, threads, timeout),
+                    target=start_worker,
+                    args=(child, worker_end, rank, world, init_method, threads, timeout, reserve[rank]),
                     daemon=True,
                 )
                 with starting_worker():  # inherited: a Ctrl-C while the worker starts up is for the driver

@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from shardstate.errors import ShardstateError
+from shardstate.io.arena import Reservation
 from shardstate.io.reader import Arrivals
 from shardstate.loaders import IOOptions, load_weights
 from shardstate.models import OpenedModel
-from shardstate.parallel.distributed import TPGroup, cores_per_rank, device_for, init_group
+from shardstate.parallel.distributed import TPGroup, device_for, init_group, reader_threads
 from shardstate.parallel.layers import materialize
 from shardstate.parallel.peers import loading
 from shardstate.quant.apply import quantize_linear_weights
@@ -26,19 +27,13 @@ from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.lifeline import watch_driver
 from shardstate.store.writer import StatePlan
 
-# Reader threads per rank unless asked: the rank's share of the cores, but at least 2 (one thread's page
-# faults overlap the other's copy: on 2 cores, 2 threads were faster at TP=1 and never slower beyond
-# noise at TP=2 and 4, even with 4 ranks; bench/results.md) and at most 8 (a large host does not
-# start dozens of reader threads per rank).
-MIN_IO_THREADS, MAX_IO_THREADS = 2, 8
-
 
 @dataclass(frozen=True)
 class WorkerArgs:
     model: OpenedModel  # opened once by the driver: config, dtype, a sharded state's parsed manifest
     load_format: str
     io_mode: str = "read"
-    io_threads: int | None = None  # None: see MIN_IO_THREADS
+    io_threads: int | None = None  # None: parallel/distributed.reader_threads
     verify: bool = False
     quantize: str | None = None  # quantize the linear weights after load (quant/): int8 | fp8
     pp_size: int = 1
@@ -46,7 +41,8 @@ class WorkerArgs:
 
 
 class Worker:
-    def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int, timeout_s: float):
+    def __init__(self, args: WorkerArgs, group: TPGroup, local_rank: int, timeout_s: float,
+                 memory: Reservation | None = None):
         self.args = args
         self.config = args.model.config
         self.rank = group.world_rank
@@ -54,13 +50,15 @@ class Worker:
         self.model = args.model.build_on_meta(group)
         materialize(self.model, torch.device("cpu"))
         device = device_for(local_rank)
-        threads = args.io_threads or min(MAX_IO_THREADS, max(MIN_IO_THREADS, cores_per_rank(group.world_size)))
-        io = IOOptions(args.io_mode, threads, str(device), args.verify)
+        threads = args.io_threads or reader_threads(group.world_size)
+        io = IOOptions(args.io_mode, threads, str(device), args.verify, memory)
         if group.world_size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         with loading(group, Arrivals.so_far, timeout_s):  # a rank still downloading is waited for, not timed out
             self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io,
                                             args.model.saved_layout(group.size, group.pp_size))
+        if memory is not None:  # the parameters hold what the load used of it; the rest goes now
+            memory.release()
         if args.quantize is not None:
             quantize_linear_weights(self.model, method_named(args.quantize), group)
 
@@ -112,17 +110,18 @@ def describe(exc: BaseException, rank: int) -> tuple[str, str]:
 
 def worker_main(
     conn: Connection, driver: Connection, rank: int, size: int, init_method: str, threads: int, timeout_s: float,
+    memory: Reservation | None = None,
 ) -> None:
-    """Entry point of a spawned worker: receive its WorkerArgs, reply ('ok', LoadReport) after loading,
-    then serve commands. A collective waits at most `timeout_s` for a peer before this rank gives up and
-    reports it. The worker ends when its `driver` lifeline closes; a terminal's Ctrl-C is for the driver
-    to act on."""
+    """A spawned worker (started by runtime/worker_start.py): receive its WorkerArgs, reply ('ok',
+    LoadReport) after loading into `memory` (reserved for it, if any), then serve commands. A collective
+    waits at most `timeout_s` for a peer before this rank gives up and reports it. The worker ends when
+    its `driver` lifeline closes; a terminal's Ctrl-C is for the driver to act on."""
     watch_driver(driver)
     torch.set_num_threads(threads)
     try:
         args: WorkerArgs = conn.recv()
         group = init_group(rank, size, init_method, timeout_s, args.pp_size, args.partition)
-        worker = Worker(args, group, rank, timeout_s)
+        worker = Worker(args, group, rank, timeout_s, memory)
         conn.send(("ok", worker.load_report))
         while True:
             command, kwargs = conn.recv()

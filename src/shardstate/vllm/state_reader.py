@@ -22,9 +22,9 @@ from shardstate.io.digests import digest_mismatch
 from shardstate.io.engine import Span, read_spans
 from shardstate.io.reader import Arrivals, ReadAccount, byte_view
 from shardstate.loaders.sharded import expected_digests, needs_of
+from shardstate.parallel.distributed import reader_threads
 from shardstate.store.remote import RemoteOrigin, load_rank_files
 
-THREADS = 4
 BLOCK = 8 << 20
 
 
@@ -47,7 +47,8 @@ def read_rank(state: ShardedState, rank: int, params: dict[str, torch.Tensor], v
         raise ShardstateError("has no shardstate.json", state.root, "give a state written by shardstate")
     start = time.perf_counter()
     with ReadAccount() as account:
-        fetched = load_rank_files(remote, state.manifest, rank, account, THREADS) if remote is not None else {}
+        threads = reader_threads(1)  # this process's cores (vLLM binds each CPU rank to its own)
+        fetched = load_rank_files(remote, state.manifest, rank, account, threads) if remote is not None else {}
         locations = index_rank(state, rank, needs_of(params), account)
         by_file: dict[Path, list[str]] = {}
         for name, location in locations.items():
@@ -65,7 +66,7 @@ def read_rank(state: ShardedState, rank: int, params: dict[str, torch.Tensor], v
                 span = Span(path, min(locations[n].entry.begin for n in staged),
                             max(locations[n].entry.end for n in staged))
                 digests = expected_digests(records, {n: locations[n] for n in staged}) if verify else None
-                (data,) = read_spans([span], "read", account, THREADS, digests)
+                (data,) = read_spans([span], "read", account, threads, digests)
                 _copy_all(staged, locations, params, data, span.start)
         return ReadReport(account.bytes_read, time.perf_counter() - start, list(account.files),
                           account.fetch_report.bytes_fetched)
@@ -92,7 +93,7 @@ def read_into_parameters(account: ReadAccount, path: Path, names: list[str], loc
             raise digest_mismatch(name, path)
         return len(dest)
 
-    with ThreadPoolExecutor(THREADS) as pool:
+    with ThreadPoolExecutor(reader_threads(1)) as pool:
         done = sum(pool.map(read, names))
     Arrivals.add(done)
     account.bytes_read += done
