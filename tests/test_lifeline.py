@@ -4,6 +4,7 @@ watch its driver (a Ctrl-C is for the driver, which stops the workers)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from shardstate.runtime.lifeline import lifeline, starting_worker, watch_driver
+from shardstate.runtime.lifeline import CPP_LOG_LEVEL, lifeline, starting_worker, watch_driver
 
 
 def _worker(queue, driver) -> None:
@@ -51,3 +52,38 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_for_the_driver_not_lost():
         signal.signal(signal.SIGINT, earlier)
         proc.kill()
         driver_end.close()
+
+
+def _lost_peer(stderr_path: str) -> None:
+    """A rank whose rendezvous store is gone (its host stopped): torch's C++ client complains as it retries."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with contextlib.suppress(Exception):
+        dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=1), wait_for_workers=False)
+
+
+@pytest.mark.parametrize("chosen", [None, "WARNING"])
+def test_a_worker_keeps_torchs_warnings_about_lost_peers_off_stderr_unless_asked(tmp_path, monkeypatch, chosen):
+    """A worker stopped because another rank failed must not print c10d's "retrying" warnings under the one
+    error line (test_cli's bad-input case once had 33 lines); a level the user set is theirs."""
+    if chosen is None:
+        monkeypatch.delenv(CPP_LOG_LEVEL, raising=False)
+    else:
+        monkeypatch.setenv(CPP_LOG_LEVEL, chosen)
+    context = mp.get_context("spawn")
+    stderr = tmp_path / "stderr"
+    proc = context.Process(target=_lost_peer, args=(str(stderr),), daemon=True)
+    with starting_worker():
+        proc.start()
+    assert os.environ.get(CPP_LOG_LEVEL) == chosen  # the driver's environment as it was
+    proc.join(timeout=120)
+    warnings = [line for line in stderr.read_text().splitlines() if line.startswith("[W")]
+    assert bool(warnings) == (chosen is not None), warnings

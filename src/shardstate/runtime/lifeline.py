@@ -38,8 +38,27 @@ def lifeline(context: BaseContext) -> tuple[Connection, Connection]:
     return worker_end, driver_end
 
 
+CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
+
+
 @contextlib.contextmanager
 def starting_worker() -> Iterator[None]:
+    """Start a worker with SIGINT held (below) and with torch's C++ log at ERROR unless the user chose a
+    level (an environment the worker inherits: torch reads it once, at import): a rank stopped because
+    another failed would otherwise print c10d's warnings about its lost peers ("Connection reset by
+    peer ... retrying") beneath the one line that names the failure."""
+    chosen = CPP_LOG_LEVEL in os.environ
+    os.environ.setdefault(CPP_LOG_LEVEL, "ERROR")
+    try:
+        with _stops_held():
+            yield
+    finally:
+        if not chosen:
+            os.environ.pop(CPP_LOG_LEVEL, None)
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
     """Start a worker with SIGINT blocked (a mask it inherits through fork and exec), so a terminal's
     Ctrl-C while it imports torch stays pending in it until `watch_driver` discards it: Ctrl-C is for the
     driver. In the driver, SIGINT, SIGTERM and SIGHUP that arrive during the start are held until it
