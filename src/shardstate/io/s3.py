@@ -1,29 +1,26 @@
-"""S3-compatible object storage: ranged reads straight into a caller's buffer, parallel ranged fetches
-into a local file, listing, and uploads. Endpoint, region and credentials come from the standard AWS
-variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION...). Every failure is a
-ShardstateError naming the object: unreachable endpoint, refused credentials, missing object, an object
-shorter than expected, a server gone mid-transfer (after bounded retries and time-outs).
+"""S3-compatible object storage: ranged reads straight into a caller's buffer (the engine's only way to
+an object's bytes: `ObjectFile`, `RemoteFiles`), listing, and uploads. Endpoint, region and credentials
+come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION...). Every failure is a ShardstateError naming the object: unreachable endpoint, refused
+credentials, missing object, an object shorter than expected, a server gone mid-transfer (after bounded
+retries and time-outs).
 
 botocore's own checksums are off where they would only add work: the manifest's sizes and checksums are
-what fetched files are checked against."""
+what fetched bytes are checked against."""
 
 from __future__ import annotations
 
 import os
 import re
 import threading
-import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardstate.errors import ShardstateError, brief, failing_as
-from shardstate.io.crc32 import crc32_combine
+from shardstate.errors import ShardstateError, brief
 
 SCHEME = "s3://"
-RANGE_BYTES = 16 << 20  # one ranged GET
 READ_BLOCK = 1 << 20  # readinto granularity within a GET
 DEFAULT_RANGES = 8  # parallel GETs per file
 CONNECT_TIMEOUT_S = 5.0
@@ -139,12 +136,6 @@ def _failure(exc: BaseException, url: str) -> ShardstateError:
                            f"check that the server at {endpoint} is up, then retry")
 
 
-def write_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
-
-
 class S3Store:
     """One location's objects. Thread-safe (botocore clients are)."""
 
@@ -232,41 +223,6 @@ class S3Store:
                 raise ShardstateError(f"{url} ended at byte {offset + done}, {len(buffer) - done} bytes short",
                                       None, "the object is truncated or changed: upload the state again")
             done += got
-
-    def fetch(self, name: str, version: ObjectInfo, out: Path, ranges: int = DEFAULT_RANGES) -> int:
-        """The object (exactly `version` of it) into the new file `out`, `ranges` ranged GETs at a time,
-        each read into its own buffer and written at its offset; returns the file's crc32. (Not fsynced:
-        whoever uses the file checks it first.)"""
-        size = version.size
-        with failing_as("cannot write", out, CACHE_TODO):
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            with failing_as("cannot write", out, CACHE_TODO):
-                os.ftruncate(fd, size)
-            local = threading.local()
-
-            def one(start: int) -> int:
-                length = min(RANGE_BYTES, size - start)
-                if getattr(local, "buffer", None) is None:
-                    local.buffer = bytearray(RANGE_BYTES)
-                view = memoryview(local.buffer)[:length]
-                self.read_into(name, start, view, version)
-                with failing_as("cannot write", out, CACHE_TODO):
-                    write_all(fd, view, start)
-                return zlib.crc32(view)
-
-            starts = range(0, size, RANGE_BYTES)
-            pool = ThreadPoolExecutor(max_workers=max(1, ranges))
-            try:
-                crcs = [future.result() for future in [pool.submit(one, start) for start in starts]]
-            finally:  # a failed range: the ranges not started yet are dropped, not fetched in vain
-                pool.shutdown(wait=True, cancel_futures=True)
-        finally:
-            os.close(fd)
-        crc = 0
-        for start, part in zip(starts, crcs, strict=True):
-            crc = crc32_combine(crc, part, min(RANGE_BYTES, size - start))
-        return crc
 
     def put(self, name: str, data: bytes, metadata: dict[str, str], if_absent: bool = False) -> None:
         """One whole object; with `if_absent`, refused (If-None-Match) where the name is already taken, so

@@ -295,10 +295,14 @@ class LLM:
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers: ask them to leave (graceful) or kill them at once; either way every worker is
-        reaped before this returns."""
-        for conn in self._conns if graceful else ():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(("close", {}))
+        reaped before this returns. Leaving, a worker first finishes writing what it fetched from S3 into
+        the node cache (store/cache_files.py): a graceful close returns with those files whole and in place.
+        Stopped meanwhile (a signal, Ctrl-C), the workers are killed and their temporaries removed."""
+        if graceful and self._conns:
+            try:
+                self._call("close")  # on any failure, _call has closed this LLM the hard way
+            except ShardstateError as exc:
+                print(f"warning: closing: {exc}", file=sys.stderr)
         for proc in self._procs:
             proc.join(timeout=10 if graceful else 0)
             if proc.is_alive():

@@ -13,6 +13,7 @@ from shardstate.models import check_parameters_fit
 from shardstate.parallel.distributed import init_group, torchrun_env
 from shardstate.runtime.prompts import Output, prepare_prompts
 from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
+from shardstate.store import cache_files
 
 
 def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], list[LoadReport]] | None:
@@ -36,9 +37,10 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
         group = init_group(rank, world, timeout_s=args.timeout, pp_size=pp, partition=stages[0].partition)
         args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify,
                                      pp_size=pp, partition=stages[0].partition)
-        worker = Worker(args_for_worker, group, local_rank, args.timeout)
-        eos = () if args.ignore_eos else config.eos_token_ids
-        generation = worker.generate(prompt_ids, args.max_new_tokens, eos, args.logprobs)
+        with cache_files.settled():  # a rank goes on once what it fetched from S3 is in the node cache
+            worker = Worker(args_for_worker, group, local_rank, args.timeout)
+            eos = () if args.ignore_eos else config.eos_token_ids
+            generation = worker.generate(prompt_ids, args.max_new_tokens, eos, args.logprobs)
         reports = [worker.load_report]
         if world > 1:
             reports = [None] * world

@@ -25,6 +25,7 @@ from shardstate.quant.apply import quantize_linear_weights
 from shardstate.quant.methods import method_named
 from shardstate.runtime.generate import Generation, greedy_generate
 from shardstate.runtime.lifeline import watch_driver
+from shardstate.store import cache_files
 from shardstate.store.writer import StatePlan
 
 
@@ -125,7 +126,9 @@ def worker_main(
         conn.send(("ok", worker.load_report))
         while True:
             command, kwargs = conn.recv()
-            if command == "close":
+            if command == "close":  # once this rank's files fetched from S3 are in the node cache
+                cache_files.finish()
+                conn.send(("ok", None))
                 break
             conn.send(("ok", getattr(worker, command)(**kwargs)))
     except EOFError:

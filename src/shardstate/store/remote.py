@@ -5,21 +5,18 @@ The driver (or, under torchrun, each process) fetches the small files first into
 files; a Hugging Face checkpoint's config, index and tokenizer files (its weight objects are then read in
 place by the loaders, through io/storage.py). The cache directory is then an ordinary directory whose rank
 files arrive as each rank loads (`load_rank_files`): a file the cache holds is read whole into load
-memory with its crc32 taken on the way; one it lacks (or holds damaged) is fetched with parallel ranged
-GETs straight into load memory, written through to a temporary in the cache, and renamed into place once
-its crc32 matches the manifest. Ranks of one node share the cache: every file lands whole, under its
-final name, by rename. `fetch_rank_files` fetches to the cache only (verify, a reshard)."""
+memory with its crc32 taken on the way; one it lacks (or holds damaged) is fetched through the same
+engine, with parallel ranged GETs straight into load memory, and checked against the manifest. The load
+then goes on while a thread writes the fetched files into the cache (store/cache_files.py). Ranks of one
+node share the cache: every file lands whole, under its final name, by rename. `fetch_rank_files`
+fetches to the cache only (verify, a reshard), through the engine too, a bounded piece at a time."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-import secrets
-import socket
-import threading
 import time
-import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +28,8 @@ from shardstate.format.config_json import CONFIG_NAME
 from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_plain_name, parse_manifest
 from shardstate.format.sharded_state import LEGACY_FILE
 from shardstate.format.strict_json import loads_strict
-from shardstate.io.crc32 import crc32_combine
-from shardstate.io.engine import Span, read_spans
-from shardstate.io.files import open_regular
+from shardstate.io.crc32 import Crc32Sink
+from shardstate.io.engine import Scratch, Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import (
     CACHE_TODO,
@@ -44,18 +40,21 @@ from shardstate.io.s3 import (
     S3Location,
     S3Store,
     store_for,
-    write_all,
 )
 from shardstate.io.storage import FetchReport
-from shardstate.processes import process_tag, tag_alive
+from shardstate.processes import tag_alive
+from shardstate.store.cache_files import (
+    HOST,
+    TEMPORARY,
+    CacheFile,
+    open_cache_files,
+    temporary_name,
+    write_in_background,
+)
 
 CACHE_ENV = "SHARDSTATE_CACHE_DIR"
 CACHE_MARKER = ".shardstate-cache"
-CHUNK = 16 << 20
-# Temporaries are named `.NAME.fetch-HOST-PID-STARTTIME-RANDOM`: a cache may be shared by hosts (NFS), and
-# only this host can tell whether one of its processes is gone (processes.py: PID and start time).
-HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-TEMPORARY = re.compile(r"\.(?P<name>.+)\.fetch-(?P<host>[0-9a-f]{8})-(?P<process>\d+-\d+)-[0-9a-f]{8}")
+PIECE = 256 << 20  # fetch_rank_files holds at most this much of a file in memory at once
 
 
 RANGES_ENV = "SHARDSTATE_S3_RANGES"
@@ -187,41 +186,61 @@ def _fetch_checkpoint_files(
 
 def fetch_rank_files(origin: RemoteOrigin, manifest: Manifest, rank: int) -> FetchReport:
     """Rank `rank`'s files into the cache (for what reads every rank here: verify, a reshard): each one
-    already there and matching the manifest is kept, any other fetched to a file and checked before it
-    takes its name."""
+    already there and matching the manifest is kept; any other goes through the engine PIECE bytes at a
+    time (ranged GETs into one reused arena, crc32 per range) into a temporary, renamed into place once its
+    crc32 matches the manifest."""
     start = time.perf_counter()
-    report = FetchReport()
-    missing = files_to_fetch(origin, manifest, rank, report)
-    store = store_for(origin.location)
-    for name, version in missing.items():
-        temporary = origin.cache / temporary_name(name)
-        try:
-            check_crc(origin, name, store.fetch(name, version, temporary, origin.ranges), manifest)
-            os.replace(temporary, origin.cache / name)
-        finally:
-            temporary.unlink(missing_ok=True)
-        report.fetched.append(name)
-        report.bytes_fetched += version.size
+    report, scratch, missing = FetchReport(), Scratch(), {}
+    with ReadAccount() as account:
+        for name in manifest.rank_files(rank):
+            size, crcs = manifest.files[name]["size"], Crc32Sink()
+            if _size_of(origin.cache / name) == size:
+                for _ in _pieces(origin.cache / name, size, account, crcs, scratch):
+                    pass
+                if crcs.crc(name, size) == manifest.files[name]["crc32"]:
+                    report.cached.append(name)
+                    continue
+            missing[name] = size
+        account.use_remote(RemoteFiles(origin.cache, origin.url, _versions(origin, missing), origin.ranges))
+        for name, size in missing.items():
+            crcs, file = Crc32Sink(), CacheFile(origin.cache, name, size)
+            try:
+                for at, piece in _pieces(origin.cache / name, size, account, crcs, scratch):
+                    file.write(at, memoryview(piece.numpy()))
+                check_crc(origin, name, crcs.crc(name, size), manifest)
+                file.publish()
+            finally:
+                file.discard()
+            report.fetched.append(name)
+            report.bytes_fetched += size
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _pieces(path: Path, size: int, account: ReadAccount, crcs: Crc32Sink,
+            scratch: Scratch) -> Iterator[tuple[int, torch.Tensor]]:
+    """The file's bytes PIECE at a time (offset, bytes), read by the engine into `scratch`'s arena (valid
+    until the next piece), each range's crc32 fed to `crcs`."""
+    for at in range(0, size, PIECE):
+        (piece,) = read_spans([Span(path, at, min(at + PIECE, size))], "read", account, sink=crcs, scratch=scratch)
+        yield at, piece
 
 
 def load_rank_files(
     origin: RemoteOrigin, manifest: Manifest, rank: int, account: ReadAccount, threads: int
 ) -> dict[Path, torch.Tensor]:
-    """Every file of the rank, whole, in load memory, each one's crc32 taken as its bytes arrive: those the
-    node cache holds are read from it (`threads` readers; checking and loading are one pass), those it lacks
-    or holds damaged from object storage (`origin.ranges` ranged GETs in flight), written through to
-    temporaries in the cache and renamed into place once their crc32 matches the manifest. Returns each
-    file's bytes by its cache path; `account.fetch_report` says what came from where."""
+    """Every file of the rank, whole, in load memory, each one's crc32 taken as its bytes arrive and checked
+    against the manifest: those the node cache holds are read from it (`threads` readers; checking and
+    loading are one pass), those it lacks or holds damaged from object storage (`origin.ranges` ranged
+    GETs in flight). The fetched files' temporaries are made in the cache before this returns; a thread
+    writes them from the loaded memory (which it only reads) and renames them into place meanwhile
+    (store/cache_files.py: who waits for it, what a stop does). Returns each file's bytes by its cache
+    path; `account.fetch_report` says what came from where."""
     start = time.perf_counter()
     report = account.fetch_report
     sizes = {name: manifest.files[name]["size"] for name in manifest.rank_files(rank)}
     images: dict[Path, torch.Tensor] = {}
-    held: list[Path] = []
-    for name in sizes:
-        if _size_of(origin.cache / name) == sizes[name]:
-            held.append(origin.cache / name)
+    held = [origin.cache / name for name, size in sizes.items() if _size_of(origin.cache / name) == size]
     for path in held:  # one allocation each: a damaged file's is freed, not kept beside the parameters
         crcs = Crc32Sink()
         (image,) = read_spans([Span(path, 0, sizes[path.name])], "read", account, threads, sink=crcs)
@@ -231,10 +250,11 @@ def load_rank_files(
     missing = {name: size for name, size in sizes.items() if origin.cache / name not in images}
     if missing:
         account.use_remote(RemoteFiles(origin.cache, origin.url, _versions(origin, missing), origin.ranges))
-        paths = [origin.cache / name for name in missing]
-        with CacheWriter(origin, missing) as writer:
-            fetched = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=writer)
-            writer.publish(manifest)
+        paths, crcs = [origin.cache / name for name in missing], Crc32Sink()
+        fetched = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=crcs)
+        for name, size in missing.items():
+            check_crc(origin, name, crcs.crc(name, size), manifest)
+        write_in_background(open_cache_files(origin.cache, missing), fetched)
         images.update(zip(paths, fetched, strict=True))
         report.fetched.extend(missing)
         report.bytes_fetched += sum(missing.values())
@@ -247,19 +267,6 @@ def _size_of(path: Path) -> int | None:
         return path.stat().st_size if path.is_file() else None
     except OSError:
         return None
-
-
-def files_to_fetch(origin: RemoteOrigin, manifest: Manifest, rank: int, report: FetchReport) -> dict[str, ObjectInfo]:
-    """The rank's files the cache does not hold intact (the others are listed in `report` as cached), each
-    object's size checked against the manifest first."""
-    missing = {}
-    for name in manifest.rank_files(rank):
-        record = manifest.files[name]
-        if file_matches(origin.cache / name, record["size"], record["crc32"]):
-            report.cached.append(name)
-        else:
-            missing[name] = record["size"]
-    return _versions(origin, missing)
 
 
 def rank_objects(origin: RemoteOrigin, manifest: Manifest, ranks: list[int] | None = None) -> RemoteFiles:
@@ -287,92 +294,6 @@ def check_crc(origin: RemoteOrigin, name: str, crc: int, manifest: Manifest) -> 
         raise ShardstateError(f"{origin.location.url(name)} does not match its checksum in the manifest", None,
                               "the object changed since it was uploaded: upload again, from a directory that "
                               "passes `shardstate verify`")
-
-
-class Crc32Sink:
-    """A ByteSink (io/engine.py) that keeps the crc32 of every piece fed, from any reader thread, and
-    combines them per file in file order."""
-
-    def __init__(self) -> None:
-        self.pieces: dict[str, list[tuple[int, int, int]]] = {}  # name -> (offset, length, crc32)
-        self.lock = threading.Lock()
-
-    def feed(self, path: Path, offset: int, data: memoryview) -> None:
-        piece = (offset, len(data), zlib.crc32(data))
-        with self.lock:
-            self.pieces.setdefault(path.name, []).append(piece)
-
-    def crc(self, name: str, size: int) -> int:
-        """The crc32 of the whole file `name`, of `size` bytes, all fed."""
-        crc, end = 0, 0
-        for offset, length, part in sorted(self.pieces.get(name, [])):
-            if offset != end:
-                raise RuntimeError(f"{name}: bytes {end}..{offset} never arrived")  # an engine bug, not input
-            crc, end = crc32_combine(crc, part, length), end + length
-        if end != size:
-            raise RuntimeError(f"{name}: {end} of {size} bytes arrived")
-        return crc
-
-
-class CacheWriter(Crc32Sink):
-    """A Crc32Sink for files being fetched that also writes every piece at its offset into the file's
-    temporary in the cache; `publish` checks each whole file's crc32 against the manifest and renames it
-    into place. Temporaries not published are removed on exit."""
-
-    def __init__(self, origin: RemoteOrigin, sizes: dict[str, int]):
-        super().__init__()
-        self.origin, self.sizes = origin, sizes
-        self.temporaries = {name: origin.cache / temporary_name(name) for name in sizes}
-        self.fds: dict[Path, int] = {}
-        try:
-            for name, temporary in self.temporaries.items():
-                with failing_as("cannot write", temporary, CACHE_TODO):
-                    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                    self.fds[origin.cache / name] = fd
-                    os.ftruncate(fd, sizes[name])
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def feed(self, path: Path, offset: int, data: memoryview) -> None:
-        with failing_as("cannot write", self.temporaries[path.name], CACHE_TODO):
-            write_all(self.fds[path], data, offset)
-        super().feed(path, offset, data)
-
-    def publish(self, manifest: Manifest) -> None:
-        for name, size in self.sizes.items():
-            check_crc(self.origin, name, self.crc(name, size), manifest)
-        for name, temporary in self.temporaries.items():
-            with failing_as("cannot write", self.origin.cache / name, CACHE_TODO):
-                os.replace(temporary, self.origin.cache / name)
-
-    def __enter__(self) -> CacheWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        for temporary in self.temporaries.values():
-            temporary.unlink(missing_ok=True)
-
-
-def file_matches(path: Path, size: int, crc32: int) -> bool:
-    """Whether `path` is a regular file of `size` bytes with this crc32."""
-    try:
-        fd = open_regular(path)
-    except OSError:
-        return False
-    with os.fdopen(fd, "rb") as f:
-        if os.fstat(f.fileno()).st_size != size:
-            return False
-        crc = 0
-        while block := f.read(CHUNK):
-            crc = zlib.crc32(block, crc)
-    return crc == crc32
-
-
-def temporary_name(name: str) -> str:
-    return f".{name}.fetch-{HOST}-{process_tag()}-{secrets.token_hex(4)}"
 
 
 def _replace(directory: Path, name: str, data: bytes) -> None:
