@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vllm", action="store_true",
                        help="instead: vLLM starting the benchmark model with auto, sharded_state and shardstate's "
                             "load format (miss, hit, state=s3://) at --tp (default 1 2), warm and cold")
+    bench.add_argument("--runai", action="store_true",
+                       help="instead: Run:ai Model Streamer (make bench installs it) on the benchmark model's sharded "
+                            "state at --tp (default 1 2): from local disk warm and cold, from SeaweedFS, and as "
+                            "vLLM's runai_streamer_sharded, against shardstate on the same files (peers.{json,md})")
+    bench.add_argument("--warm-path", action="store_true",
+                       help="instead: the sharded read at --tp (default 1 2), warm and cold, with its load memory "
+                            "reserved at start and huge pages each on and off, against the read limit and vLLM's "
+                            "sharded_state (warm-path.{json,md})")
     bench.add_argument("--vllm-python", type=Path, default=None,
                        help="a Python with vLLM (default: .venv-vllm/bin/python when present)")
 
@@ -354,6 +362,23 @@ def run_bench(args: argparse.Namespace) -> None:
         rows = run_vllm_plugin(args.out, args.cache_dir or cache_dir() / "bench", vllm_python,
                                tuple(args.tp or (1, 2)), args.smoke)
         print(f"wrote {args.out}/vllm-plugin.json, vllm-plugin.md ({len(rows)} rows)")
+        return
+    if args.warm_path:
+        from shardstate.benchmark.warm_path import run_warm_path
+
+        rows = run_warm_path(args.out, args.cache_dir or cache_dir() / "bench", tuple(args.tp or (1, 2)),
+                             vllm_python if vllm_python.is_file() else None, args.smoke)
+        print(f"wrote {args.out}/warm-path.json, warm-path.md ({len(rows)} rows)")
+        return
+    if args.runai:
+        from shardstate.benchmark.runai_peer import available, run_runai
+
+        if not available():
+            raise ShardstateError("no Run:ai Model Streamer for --runai", Path(sys.executable),
+                                  "run `make bench`, which installs it (pinned) into .venv")
+        rows = run_runai(args.out, args.cache_dir or cache_dir() / "bench", tuple(args.tp or (1, 2)),
+                         vllm_python if vllm_python.is_file() else None, args.smoke)
+        print(f"wrote {args.out}/peers.json, peers.md ({len(rows)} rows)")
         return
     if args.families:
         from shardstate.benchmark.families import run_families

@@ -1,0 +1,137 @@
+"""`shardstate bench --warm-path` (and `make bench`): where a sharded read's time goes, warm and cold.
+
+The sharded read of the benchmark model's state at each TP size, every rank in its own worker, with the
+rank's load memory reserved and faulted in while the worker starts (io/arena.py) and with huge pages,
+each on and off (SHARDSTATE_PREFAULT, SHARDSTATE_HUGEPAGES); against the read limit (`readinto` into
+memory faulted in beforehand, untimed) and vLLM's `sharded_state` on the same files ("Loading weights
+took": vLLM allocates its parameters while it builds the model, before that clock). For shardstate both
+the load time (from the ranks' barrier) and the time from `LLM(...)` to a loaded model (process start,
+imports, group, model, load) are given. The variants run interleaved, ROUNDS times each (medians).
+Writes warm-path.json and warm-path.md."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+from shardstate.benchmark import VLLM_REPEATS, ensure_model, rank_files, say, warm_or_cold, weight_files, write_rows
+from shardstate.benchmark.peers import vllm_load
+from shardstate.benchmark.ranks import run_ranks
+from shardstate.convert import convert
+from shardstate.runtime.llm import LLM
+
+ROUNDS = 3
+SHARDED = "sharded read"
+VARIANTS = {  # name -> environment of the load
+    SHARDED: {"SHARDSTATE_PREFAULT": "1", "SHARDSTATE_HUGEPAGES": "1"},
+    "sharded read, no prefault": {"SHARDSTATE_PREFAULT": "0", "SHARDSTATE_HUGEPAGES": "1"},
+    "sharded read, no prefault, no huge pages": {"SHARDSTATE_PREFAULT": "0", "SHARDSTATE_HUGEPAGES": "0"},
+}
+LIMIT = "limit (readinto, pre-faulted)"
+VLLM = "vLLM sharded_state"
+
+
+def timed_load(state: Path, tp: int, env: dict[str, str]) -> dict:
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the spawned workers inherit them
+    try:
+        start = time.perf_counter()
+        with LLM(state, tensor_parallel_size=tp) as llm:
+            started = time.perf_counter() - start
+            reports = llm.load_reports
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {"seconds": max(r.seconds for r in reports), "start_seconds": started,
+            "bytes_prefaulted": sum(r.bytes_prefaulted for r in reports)}
+
+
+def run_warm_path(out_dir: Path, cache_root: Path, tp_sizes: tuple[int, ...], vllm_python: Path | None,
+                  smoke: bool = False) -> list[dict]:
+    model_dir = ensure_model(cache_root, smoke)
+    rounds = 1 if smoke else ROUNDS
+    rows: list[dict] = []
+    for tp in tp_sizes:
+        state = cache_root / f"{model_dir.name}-tp{tp}-ids"  # the main benchmark's states ("-ids")
+        if not (state / "shardstate.json").is_file():
+            convert(model_dir, state, tp, force=True, show_progress=False)
+        files = weight_files(state)
+        for cache in ("warm", "cold"):
+            measured: dict[str, list[dict]] = {name: [] for name in [*VARIANTS, LIMIT]}
+            for _ in range(rounds):
+                for name, env in VARIANTS.items():
+                    warm_or_cold(files, cache)
+                    measured[name].append(timed_load(state, tp, env))
+                warm_or_cold(files, cache)
+                limit = run_ranks("limit_read", rank_files(state))
+                measured[LIMIT].append({"seconds": max(r["seconds"] for r in limit)})
+            for name, runs in measured.items():
+                rows.append({"tp": tp, "cache": cache, "name": name, **_medians(runs), "each": runs})
+                say(f"[{cache} TP={tp}] {name}: {rows[-1]['seconds']:.3f}s")
+            peer = _vllm(vllm_python, state, tp, cache, files) if not smoke else {"error": "not run (--smoke)"}
+            rows.append({"tp": tp, "cache": cache, "name": VLLM, **peer})
+    table = markdown(rows, sum(f.stat().st_size for f in weight_files(model_dir)), rounds)
+    return write_rows(out_dir, "warm-path", rows, table)
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _vllm(python: Path | None, state: Path, tp: int, cache: str, files: list[Path]) -> dict:
+    if python is None:
+        return {"error": "not run: no vLLM (make test-vllm sets up .venv-vllm)"}
+    each = []
+    for _ in range(VLLM_REPEATS):
+        warm_or_cold(files, cache)
+        once = vllm_load(python, state, tp, "sharded_state", "bfloat16")
+        if "seconds" not in once:
+            return once
+        each.append(once["seconds"])
+    say(f"[{cache} TP={tp}] {VLLM}: {statistics.median(each):.2f}s")
+    return {"seconds": statistics.median(each), "seconds_each": each}
+
+
+def _row(rows: list[dict], tp: int, cache: str, name: str) -> dict:
+    return next(r for r in rows if (r["tp"], r["cache"], r["name"]) == (tp, cache, name))
+
+
+def markdown(rows: list[dict], model_bytes: int, rounds: int) -> str:
+    tps = sorted({r["tp"] for r in rows})
+    out = [f"Sharded read of the {model_bytes / 1e9:.2f} GB benchmark model's state, median of {rounds} interleaved "
+           "rounds. Cell: slowest rank's load seconds (from `LLM(...)` to a loaded model in brackets).", ""]
+    for cache in ("warm", "cold"):
+        out += [f"**{cache} page cache**", "", "| | " + " | ".join(f"TP={tp}" for tp in tps) + " |",
+                "|---|" + "---|" * len(tps)]
+        for name in [*VARIANTS, LIMIT, VLLM]:
+            cells = []
+            for tp in tps:
+                row = _row(rows, tp, cache, name)
+                if "seconds" not in row:
+                    cells.append(row.get("error", ""))
+                    continue
+                start = f" ({row['start_seconds']:.2f})" if "start_seconds" in row else ""
+                cells.append(f"{row['seconds']:.3f}s{start}")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["Goals, as ratios from the same run:", ""]
+    for tp in tps:
+        warm, limit = _row(rows, tp, "warm", SHARDED), _row(rows, tp, "warm", LIMIT)
+        out.append(f"- TP={tp}: sharded read / limit, warm (limit seconds / load seconds; target >= 0.85): "
+                   f"{limit['seconds'] / warm['seconds']:.2f}")
+        for cache in ("warm", "cold"):
+            ours, vllm = _row(rows, tp, cache, SHARDED), _row(rows, tp, cache, VLLM)
+            if "seconds" in vllm:
+                out.append(f"- TP={tp}: sharded read vs vLLM sharded_state, {cache} (speed-up; target >= 1.5): "
+                           f"{vllm['seconds'] / ours['seconds']:.2f}")
+        for cache in ("warm", "cold"):
+            on, off = _row(rows, tp, cache, SHARDED), _row(rows, tp, cache, "sharded read, no prefault")
+            out.append(f"- TP={tp}, {cache}: reserving the load memory at start saves "
+                       f"{off['seconds'] - on['seconds']:+.3f}s of load and "
+                       f"{off['start_seconds'] - on['start_seconds']:+.3f}s of start-to-loaded (no target)")
+    return "\n".join(out) + "\n"
