@@ -55,12 +55,15 @@ def test_every_mode_returns_exactly_the_spans(data_files, monkeypatch, mode, thr
         assert account.bytes_read == wanted
 
 
-def test_device_ring_path_runs_on_cpu(data_files):
-    """The CUDA path (ring of host buffers, async copies) with a CPU destination: same bytes."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_device_ring_path_runs_on_cpu(data_files, threads):
+    """The CUDA path (ring of host buffers filled by reader threads, async copies) with a CPU destination:
+    same bytes, every byte read once."""
     spans = [Span(data_files[0], 8, 3 * 4096 + 17), Span(data_files[1], 0, 10_000)]
     with ReadAccount() as account:
-        got = read_spans_to_device(spans, torch.device("cpu"), account, ring=2, chunk=4096)
+        got = read_spans_to_device(spans, torch.device("cpu"), account, ring=2, chunk=4096, threads=threads)
         assert [bytes(t.numpy()) for t in got] == expected_bytes(spans)
+        assert account.bytes_read == sum(span.size for span in spans)
         assert account.bytes_read == sum(s.size for s in spans)
 
 
@@ -88,7 +91,7 @@ def test_streaming_digests_check_every_tensor_while_reading(tensor_file, monkeyp
         (got,) = read_spans([span], "read", account, threads, StreamingDigests({path: expected}))
         assert bytes(got.numpy()) == path.read_bytes()[64:]
         read_spans_to_device([span], torch.device("cpu"), account, ring=2, chunk=5000,
-                             digests=StreamingDigests({path: expected}))
+                             digests=StreamingDigests({path: expected}), threads=threads)
     for target in (expected[0], expected[4], expected[-1]):  # first, bigger than a chunk, last
         data = bytearray(path.read_bytes())
         data[target.end - 1] ^= 0x80

@@ -23,7 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -171,44 +171,73 @@ def _map_span(span: Span, account: ReadAccount) -> torch.Tensor:
     return torch.frombuffer(mapping, dtype=torch.uint8, offset=span.start, count=span.size)
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """One ring slot's worth of a span: `length` bytes of `path` from `offset`, to `dest_offset`."""
+
+    path: Path
+    offset: int
+    length: int
+    dest_offset: int
+
+
 def read_spans_to_device(
-    spans: list[Span], device: torch.device, account: ReadAccount, ring: int = 4, chunk: int = CHUNK,
-    digests: StreamingDigests | None = None,
+    spans: list[Span], device: torch.device, account: ReadAccount, ring: int = 8, chunk: int = CHUNK,
+    digests: StreamingDigests | None = None, threads: int = 1,
 ) -> list[torch.Tensor]:
-    """Read through a ring of `ring` host buffers (pinned on CUDA) into one allocation on `device`,
-    overlapping the next read with the previous asynchronous copy. Works on any device. `digests` is
-    fed each host buffer before its copy (bytes arrive in file order), so --verify never reads back."""
+    """Read through a ring of `ring` host buffers (pinned on CUDA) into one allocation on `device`:
+    `threads` reader threads fill the next slots while the previous ones are copied (asynchronously, on a
+    side stream, on CUDA). Pieces are copied in file order, so `digests` is fed each buffer before its
+    copy (--verify never reads back). A slot is refilled only once the copy out of it has finished. Works
+    on any device (on the CPU: unpinned buffers, synchronous copies)."""
     cuda = device.type == "cuda"
     total = sum(span.size for span in spans)
     dest = torch.empty(total, dtype=torch.uint8, device=device)
     buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(ring)]
-    done_events: list = [None] * ring
+    copied: list[Any] = [None] * ring  # each slot's last copy (a CUDA event), None once it may be refilled
     stream = torch.cuda.Stream(device) if cuda else None
     readers = {span.path: account.reader(span.path) for span in spans}
-    slot, out, views = 0, 0, []
+    pieces, views, out = [], [], 0
     for span in spans:
         views.append(dest[out : out + span.size])
         for offset in range(span.start, span.end, chunk):
             length = min(chunk, span.end - offset)
-            if done_events[slot] is not None:
-                done_events[slot].synchronize()  # the copy out of this buffer has finished
-            host = buffers[slot][:length]
-            got = readers[span.path].read_into(offset, memoryview(host.numpy()))
-            Arrivals.add(got)
-            if got < length:
-                raise ShardstateError(f"file ends before byte {offset + length}", span.path, "the file is truncated")
-            account.bytes_read += length
-            if digests is not None:
-                digests.feed(span.path, offset, memoryview(host.numpy()))
-            if cuda:
-                with torch.cuda.stream(stream):
-                    dest[out : out + length].copy_(host, non_blocking=True)
-                    done_events[slot] = torch.cuda.Event()
-                    done_events[slot].record(stream)
-            else:
-                dest[out : out + length].copy_(host)
+            pieces.append(_Piece(span.path, offset, length, out))
             out += length
-            slot = (slot + 1) % ring
+
+    def fill(index: int) -> torch.Tensor:
+        slot, piece = index % ring, pieces[index]
+        if copied[slot] is not None:
+            copied[slot].synchronize()  # the copy out of this buffer has finished
+        host = buffers[slot][: piece.length]
+        got = readers[piece.path].read_into(piece.offset, memoryview(host.numpy()))
+        Arrivals.add(got)
+        if got < piece.length:
+            raise ShardstateError(f"file ends before byte {piece.offset + piece.length}", piece.path,
+                                  "the file is truncated")
+        return host
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        filling = {i: pool.submit(fill, i) for i in range(min(ring, len(pieces)))}
+        try:
+            for index, piece in enumerate(pieces):
+                host = filling.pop(index).result()
+                account.bytes_read += piece.length
+                if digests is not None:
+                    digests.feed(piece.path, piece.offset, memoryview(host.numpy()))
+                target = dest[piece.dest_offset : piece.dest_offset + piece.length]
+                slot = index % ring
+                if cuda:
+                    with torch.cuda.stream(stream):
+                        target.copy_(host, non_blocking=True)
+                        copied[slot] = torch.cuda.Event()
+                        copied[slot].record(stream)
+                else:
+                    target.copy_(host)
+                if index + ring < len(pieces):
+                    filling[index + ring] = pool.submit(fill, index + ring)
+        finally:  # a failed read: those not started yet are dropped, not read in vain
+            pool.shutdown(wait=True, cancel_futures=True)
     if cuda:
         stream.synchronize()
     if digests is not None:

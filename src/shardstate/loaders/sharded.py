@@ -132,7 +132,8 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         on_disk = {name: location for name, location in locations.items() if location.file not in fetched}
         streaming = expected_digests(records, on_disk) if io.verify and io.mode == "read" else None
         if io.device != "cpu" and io.mode == "read":
-            memory = read_spans_to_device(spans, torch.device(io.device), account, digests=streaming)
+            memory = read_spans_to_device(spans, torch.device(io.device), account, digests=streaming,
+                                              threads=io.threads)
         else:
             memory = read_spans(spans, io.mode, account, io.threads, streaming, io.memory)
         spans += [Span(path, 0, len(data)) for path, data in fetched.items()]
