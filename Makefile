@@ -39,9 +39,17 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -rP -m vllm tests/test_vllm_interop.py tests/test_vllm_quantized.py \
 		tests/test_vllm_plugin.py tests/test_vllm_pp.py
 
+# Run:ai Model Streamer, a peer in the benchmark only (bench/peers.md), pinned; --no-deps: it needs torch, numpy
+# and boto3, which both venvs have at their own pins, and humanize (no dependencies). Into .venv for the streamer's
+# own rows and, when it exists, .venv-vllm for vLLM's runai_streamer_sharded.
+RUNAI := runai-model-streamer==0.17.1 runai-model-streamer-s3==0.17.1 humanize==4.15.0
+
 # Load-time benchmark (~2.4 GB model made once); vLLM is measured too when .venv-vllm exists (make test-vllm).
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(FIND_LINKS) $(RUNAI)
+	test ! -x $(VLLM_VENV)/bin/python || $(VLLM_VENV)/bin/python -m pip install --quiet --no-deps $(FIND_LINKS) $(RUNAI)
 	$(BIN)/shardstate bench --out bench
+	$(BIN)/shardstate bench --runai --tp 1 2 --out bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check

@@ -9,6 +9,7 @@ import pytest
 from shardstate.benchmark import run_bench
 from shardstate.benchmark.families import run_families
 from shardstate.benchmark.remote import EMPTY_CACHE, SLICED_CHECKPOINT, WARM_CACHE
+from shardstate.benchmark.runai_peer import available as runai_available
 
 
 def test_bench_smoke(tmp_path):
@@ -63,3 +64,23 @@ def test_bench_families_smoke(tmp_path):
         assert all(b >= whole for b in mine["default"]["bytes_per_rank"]), architecture
         assert all(b < 0.75 * whole for b in mine["sharded"]["bytes_per_rank"]), architecture
     assert "| Qwen3MoeForCausalLM |" in (tmp_path / "out" / "families.md").read_text()
+
+
+@pytest.mark.skipif(not runai_available(), reason="runai-model-streamer is a bench-only dependency: `make bench` "
+                                                   "installs it")
+def test_bench_runai_smoke(tmp_path):
+    """bench --runai on the tiny model at TP=1, no vLLM: the streamer and shardstate each give the rank its
+    tensors' bytes from disk and from SeaweedFS, and the table puts each ratio beside its goal."""
+    from shardstate.benchmark.runai_peer import SHARDSTATE, SHARDSTATE_S3, STREAMER, STREAMER_S3, run_runai
+
+    rows = run_runai(tmp_path / "out", tmp_path / "cache", (1,), None, smoke=True)
+    assert json.loads((tmp_path / "out" / "peers.json").read_text()) == rows
+    by = {(r["where"], r["cache"], r["name"]): r for r in rows}
+    tensors = by["local", "warm", STREAMER]["bytes_read"]
+    for key in (("local", "cold", STREAMER), ("s3", "warm", STREAMER_S3)):
+        assert by[key]["bytes_read"] == tensors, key  # every tensor of the rank's file, wherever it lives
+    for key in (("local", "warm", SHARDSTATE), ("local", "cold", SHARDSTATE), ("s3", "warm", SHARDSTATE_S3)):
+        assert by[key]["seconds"] > 0 and by[key]["bytes_read"] >= tensors, key
+    assert all("not run" in r["error"] for r in rows if r["where"] == "vllm")
+    table = (tmp_path / "out" / "peers.md").read_text()
+    assert f"| local | 1 | cold | {SHARDSTATE} over {STREAMER} | >= 1.0 |" in table

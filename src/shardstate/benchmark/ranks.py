@@ -4,6 +4,7 @@ peer (load_file, then copy into the model's parameters)."""
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -57,14 +58,17 @@ def _child(
 ) -> None:
     watch_driver(driver)
     try:
-        queue.put(globals()[fn](rank, tp_size, files, barrier, *extra))
+        module, _, name = fn.rpartition(":")  # "module:function" for a rank function of another module
+        function = getattr(importlib.import_module(module), name) if module else globals()[name]
+        queue.put(function(rank, tp_size, files, barrier, *extra))
     except Exception as exc:
         barrier.abort()
         queue.put({"rank": rank, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def run_ranks(fn: str, rank_files: list[list[Path]] | list[list[str]], *extra: Any) -> list[dict]:
-    """Run `fn` in one process per rank; each gets its own files; results in rank order."""
+    """Run `fn` (a function here, or "module:function") in one process per rank; each gets its own files;
+    results in rank order."""
     context = mp.get_context("spawn")
     tp_size = len(rank_files)
     barrier, queue = context.Barrier(tp_size), context.Queue()
