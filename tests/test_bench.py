@@ -49,6 +49,12 @@ def test_bench_smoke(tmp_path):
     assert remote[WARM_CACHE]["bytes_per_rank"] == [0, 0]  # and later found them in the cache
     assert all(0 < n < sum(own) for n in remote[SLICED_CHECKPOINT]["bytes_per_rank"])  # its slices, not all
     assert whole == [sum(own)] * 2
+    warm_path = {r["name"]: r for r in results["warm_path"]}  # TP=2, warm only in smoke
+    assert {r["cache"] for r in results["warm_path"]} == {"warm"}
+    assert warm_path["sharded read"]["bytes_prefaulted"] > 0  # both ranks' memory reserved at their start
+    assert warm_path["sharded read, no prefault"]["bytes_prefaulted"] == 0
+    assert "not run" in warm_path["vLLM sharded_state"]["error"]
+    assert "sharded read / limit, warm" in (tmp_path / "out" / "warm-path.md").read_text()
 
 
 @pytest.mark.slow

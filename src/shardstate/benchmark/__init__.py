@@ -241,6 +241,10 @@ def run_bench(out_dir: Path, cache_root: Path, smoke: bool = False, tp_sizes: tu
     from shardstate.benchmark.remote import run_remote
 
     results["remote"] = run_remote(out_dir, cache_root, 2 if 2 in tp_sizes else tp_sizes[0], smoke)
+    from shardstate.benchmark.warm_path import run_warm_path
+
+    results["warm_path"] = run_warm_path(out_dir, cache_root, tuple(tp for tp in tp_sizes if tp <= 2) or tp_sizes[:1],
+                                         vllm_python, smoke)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     write_reports(results, out_dir)
