@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import transformers_greedy
+from shardstate.convert import convert
 
 BIN = Path(sys.executable).parent
 
@@ -38,11 +39,17 @@ def test_generate_json_matches_transformers(checkpoints):
 
 
 @pytest.mark.slow
-def test_generate_under_torchrun(checkpoints):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_generate_under_torchrun(checkpoints, tmp_path, sharded):
+    """Each rank a torchrun process, from the HF checkpoint and from a sharded state (whose ranks reserve
+    their load memory and fault it in as they join their group: bytes_prefaulted)."""
     model_dir = checkpoints["mha_tied"]
+    source = model_dir
+    if sharded:
+        convert(model_dir, source := tmp_path / "tp2", 2)
     result = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
-         str(BIN / "shardstate"), "generate", str(model_dir), "--tp", "2", "--prompt-ids", "5,6,7",
+         str(BIN / "shardstate"), "generate", str(source), "--tp", "2", "--prompt-ids", "5,6,7",
          "--max-new-tokens", "4", "--ignore-eos", "--json"],
         capture_output=True, text=True, timeout=120,
     )
@@ -51,6 +58,7 @@ def test_generate_under_torchrun(checkpoints):
     doc = json.loads(line)
     assert [o["token_ids"] for o in doc["outputs"]] == transformers_greedy(model_dir, [[5, 6, 7]], 4)[0]
     assert [r["rank"] for r in doc["load"]] == [0, 1]
+    assert all((r["bytes_prefaulted"] > 0) == sharded for r in doc["load"])
 
 
 def broken_copy(src: Path, dst: Path, edit) -> Path:

@@ -20,6 +20,7 @@ from shardstate.format.sharded_state import (
     index_rank,
     warn_legacy,
 )
+from shardstate.io.arena import enabled
 from shardstate.io.digests import Expected, StreamingDigests, digest_mismatch
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
@@ -84,13 +85,14 @@ def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor] | 
             index_rank(state, rank, needs_of(as_saved[rank // state.tp_size]), account)
 
 
-def load_memory(directory: ModelDir, rank: int, io_mode: str, device: str, resharded: bool) -> int:
-    """The bytes world rank `rank`'s sharded load will read into one arena, worth reserving before it starts
-    (io/arena.py); 0 where the load does not read into one (mmap or direct I/O, a GPU, a reshard, an S3
-    state whose files arrive with the load). An upper bound: its files' sizes (every span lies within its
-    file) plus each region's alignment."""
+def load_memory(directory: ModelDir, load_format: str, rank: int, io_mode: str, layout: tuple[int, int]) -> int:
+    """The bytes world rank `rank`'s load will read into one arena, worth reserving before it starts
+    (io/arena.py; SHARDSTATE_PREFAULT=0: never); 0 where the load does not read into one: not a sharded
+    load of a local state at its own (tp, pp) `layout`, or mmap / direct I/O, or a GPU. An upper bound:
+    the rank's files' sizes (every span lies within its file) plus each region's alignment."""
     state = directory.state
-    if state is None or resharded or io_mode != "read" or device != "cpu" or directory.remote is not None:
+    if (load_format != "sharded" or state is None or (state.tp_size, state.pp_size) != layout or io_mode != "read"
+            or directory.remote is not None or torch.cuda.is_available() or not enabled("SHARDSTATE_PREFAULT")):
         return 0
     if state.manifest is not None:
         return sum(state.manifest.files[name]["size"] + 64 for name in state.manifest.rank_files(rank))

@@ -141,11 +141,8 @@ class LLM:
         self._live_params = [dict(m.named_parameters()) for m in meta_models]
         args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize, pipeline_parallel_size,
                           self._stages[0].partition)
-        state, device = opened.directory.state, "cuda" if torch.cuda.is_available() else "cpu"  # (device_for)
-        resharded = state is not None and (state.tp_size, state.pp_size) != (tensor_parallel_size,
-                                                                             pipeline_parallel_size)
-        reserve = [load_memory(opened.directory, rank, io, device, resharded) if load_format == "sharded" else 0
-                   for rank in range(world)]  # each worker's load memory, faulted in while it starts
+        layout = (tensor_parallel_size, pipeline_parallel_size)  # each worker's load memory, faulted in as it starts
+        reserve = [load_memory(opened.directory, load_format, rank, io, layout) for rank in range(world)]
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = cores_per_rank(world)

@@ -8,7 +8,9 @@ import os
 import torch.distributed as dist
 
 from shardstate.errors import ShardstateError
-from shardstate.loaders import LoadReport
+from shardstate.io.arena import Reservation
+from shardstate.loaders import LoadReport, resolve_load_format
+from shardstate.loaders.sharded import load_memory
 from shardstate.models import check_parameters_fit
 from shardstate.parallel.distributed import init_group, torchrun_env
 from shardstate.runtime.prompts import Output, prepare_prompts
@@ -31,6 +33,9 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
                                args.cache_dir)
     config, codec, prompt_ids = prepared.model.config, prepared.codec, prepared.ids
     stages = prepared.model.stages(tp, pp)
+    reserve = load_memory(prepared.model.directory, resolve_load_format(args.load_format, prepared.model.directory),
+                          rank, args.io, (tp, pp))
+    memory = Reservation(reserve) if reserve else None  # faulted in as the rank joins its group, builds its model
     check_parameters_fit(prepared.model.build_on_meta(stages[0]), ranks_here)
     try:
         # the rendezvous times out like a collective
@@ -38,7 +43,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
         args_for_worker = WorkerArgs(prepared.model, args.load_format, args.io, args.io_threads, args.verify,
                                      pp_size=pp, partition=stages[0].partition)
         with cache_files.settled():  # a rank goes on once what it fetched from S3 is in the node cache
-            worker = Worker(args_for_worker, group, local_rank, args.timeout)
+            worker = Worker(args_for_worker, group, local_rank, args.timeout, memory)
             eos = () if args.ignore_eos else config.eos_token_ids
             generation = worker.generate(prompt_ids, args.max_new_tokens, eos, args.logprobs)
         reports = [worker.load_report]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from multiprocessing.connection import Connection
 
-from shardstate.io.arena import Reservation, enabled
+from shardstate.io.arena import Reservation
 
 
 def start_worker(
@@ -14,7 +14,7 @@ def start_worker(
     reserve_bytes: int,
 ) -> None:
     """worker_main, with `reserve_bytes` of load memory reserved first (0: none)."""
-    memory = Reservation(reserve_bytes) if reserve_bytes and enabled("SHARDSTATE_PREFAULT") else None
+    memory = Reservation(reserve_bytes) if reserve_bytes else None
     from shardstate.runtime.worker import worker_main  # torch: imported while the reservation faults pages in
 
     worker_main(conn, driver, rank, size, init_method, threads, timeout_s, memory)
