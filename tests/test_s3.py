@@ -266,8 +266,8 @@ def test_the_server_dying_mid_download_is_one_error_and_leaves_nothing(tmp_path)
 
 def test_two_torchrun_nodes_each_fetch_only_their_ranks_files(server, state, tmp_path):
     """`torchrun --nnodes 2 --nproc-per-node 1` twice on this machine (static rendezvous on 127.0.0.1),
-    each "node" with its own cache: each cache ends up with its own rank's files only, and rank 0 prints
-    the local run's tokens."""
+    each "node" with its own cache: each cache ends up with its own rank's files only, whole once the
+    rank has exited (its background cache write waited for), and rank 0 prints the local run's tokens."""
     url = uploaded(server, state, "nodes")
     port = _closed_port()
     env = {**os.environ, **server.env(), "SHARDSTATE_S3_RANGES": "16"}
@@ -287,10 +287,13 @@ def test_two_torchrun_nodes_each_fetch_only_their_ranks_files(server, state, tmp
     assert [o["token_ids"] for o in doc["outputs"]] == [o["token_ids"] for o in local["outputs"]]
     sizes = rank_sizes(state)
     assert [r["bytes_fetched"] for r in doc["load"]] == [sizes[0], sizes[1]]
-    for node in (0, 1):
+    files = json.loads((state / "shardstate.json").read_text())["files"]
+    for node in (0, 1):  # each rank's exit waited for its background cache writes: whole files, no temporary
         (cached,) = (tmp_path / f"node{node}").iterdir()
         rank_files = sorted(p.name for p in cached.glob("model-rank-*"))
-        assert rank_files and all(name.startswith(f"model-rank-{node}-") for name in rank_files), rank_files
+        assert rank_files == sorted(name for name, record in files.items() if record["rank"] == node)
+        assert all((cached / name).read_bytes() == (state / name).read_bytes() for name in rank_files)
+        assert not [p.name for p in cached.iterdir() if ".fetch-" in p.name]
 
 
 def test_convert_publishes_to_s3_like_upload(server, state, tmp_path):

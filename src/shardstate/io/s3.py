@@ -10,6 +10,7 @@ what fetched bytes are checked against."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -288,6 +289,18 @@ def store_for(location: S3Location) -> S3Store:
         if key not in _stores:
             _stores[key] = S3Store(location)
         return _stores[key]
+
+
+def connect_in_background(location: S3Location) -> None:
+    """Make this process's client for `location` in a thread now (importing boto3 and setting up a client
+    take about half a second), so that it is ready by the first request: `store_for` waits for it. A
+    failure here is left to that first request to report."""
+
+    def connect() -> None:
+        with contextlib.suppress(ShardstateError):
+            store_for(location)
+
+    threading.Thread(target=connect, name="shardstate-s3-connect", daemon=True).start()
 
 
 class ObjectFile:

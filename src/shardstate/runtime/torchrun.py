@@ -37,6 +37,7 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
                           rank, args.io, (tp, pp))
     memory = Reservation(reserve) if reserve else None  # faulted in as the rank joins its group, builds its model
     check_parameters_fit(prepared.model.build_on_meta(stages[0]), ranks_here)
+    prepared.model.directory.connect()  # an s3:// model's client made while the group forms
     try:
         # the rendezvous times out like a collective
         group = init_group(rank, world, timeout_s=args.timeout, pp_size=pp, partition=stages[0].partition)

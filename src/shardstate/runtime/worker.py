@@ -121,6 +121,7 @@ def worker_main(
     torch.set_num_threads(threads)
     try:
         args: WorkerArgs = conn.recv()
+        args.model.directory.connect()  # an s3:// model's client made while the group forms
         group = init_group(rank, size, init_method, timeout_s, args.pp_size, args.partition)
         worker = Worker(args, group, rank, timeout_s, memory)
         conn.send(("ok", worker.load_report))

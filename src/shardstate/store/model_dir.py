@@ -18,7 +18,7 @@ from shardstate.format.config_json import read_config_json
 from shardstate.format.dtypes import parse_dtype
 from shardstate.format.sharded_state import ShardedState, is_sharded_state, open_sharded_state
 from shardstate.io.reader import ReadAccount
-from shardstate.io.s3 import RemoteFiles, is_s3
+from shardstate.io.s3 import RemoteFiles, connect_in_background, is_s3
 from shardstate.store.remote import RemoteOrigin, fetch_metadata, fetch_rank_files
 
 
@@ -35,6 +35,11 @@ class ModelDir:
     def remote_weights(self) -> RemoteFiles | None:
         """What of the weight files is in object storage (a HF checkpoint in S3), for a ReadAccount."""
         return self.remote.remote_weights() if self.remote is not None else None
+
+    def connect(self) -> None:
+        """For an s3:// model, start making this process's S3 client (io/s3.py), before its first request."""
+        if self.remote is not None:
+            connect_in_background(self.remote.location)
 
     def errors_named(self) -> contextlib.AbstractContextManager[None]:
         """Errors in the block name an s3:// model's location, not its copy in the node cache."""
