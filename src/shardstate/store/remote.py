@@ -48,7 +48,6 @@ from shardstate.store.cache_files import (
     TEMPORARY,
     CacheFile,
     open_cache_files,
-    temporary_name,
     write_in_background,
 )
 
@@ -298,14 +297,12 @@ def check_crc(origin: RemoteOrigin, name: str, crc: int, manifest: Manifest) -> 
 
 def _replace(directory: Path, name: str, data: bytes) -> None:
     """`directory/name` becomes `data`, whole, by rename."""
-    temporary = directory / temporary_name(name)
+    file = CacheFile(directory, name, len(data))
     try:
-        with failing_as("cannot write", temporary, CACHE_TODO):
-            with open(temporary, "xb") as f:
-                f.write(data)
-            os.replace(temporary, directory / name)
+        file.write(0, memoryview(data))
+        file.publish()
     finally:
-        temporary.unlink(missing_ok=True)
+        file.discard()
 
 
 def _remove_others(directory: Path, keep: set[str]) -> None:
