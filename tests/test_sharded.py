@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PROMPTS
+from conftest import PROMPTS, transformers_greedy
 from rank_files import assert_same_directory
 from shardstate import LLM
 from shardstate.convert import convert
@@ -47,16 +47,14 @@ def test_convert_then_sharded_load_equals_default_load(checkpoints, tmp_path, tp
         assert len(scales) == 4 * 2 and all(v.dtype == torch.float32 and v.item() == 1.0 for v in scales.values())
         assert_states_equal(on_disk, expected_rank_state(src, tp, rank, torch.float32))
 
-    with LLM(src, tensor_parallel_size=tp, load_format="default") as llm:
-        reference_states = llm.rank_state_dicts()
-        reference_tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
+    # the references: the hand slices (which the default loader equals: test_loaders.py) and transformers' tokens
     with LLM(sharded_dir, tensor_parallel_size=tp, load_format="auto") as llm:
         states = llm.rank_state_dicts()
         tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
         reports = llm.load_reports
-    assert tokens == reference_tokens
-    for state, reference in zip(states, reference_states, strict=True):
-        assert_states_equal(state, reference)
+    assert tokens == transformers_greedy(src, PROMPTS, 6)[0]
+    for rank, state in enumerate(states):
+        assert_states_equal(state, expected_rank_state(src, tp, rank, torch.float32))
     for report in reports:
         own = sorted(sharded_dir.glob(f"model-rank-{report.rank}-part-*.safetensors"))
         assert sorted(report.files) == [str(f) for f in own]
@@ -218,6 +216,8 @@ def test_save_from_live_workers_equals_convert(checkpoints, tmp_path, tp):
         live_tokens = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=6, ignore_eos=True)]
     assert files == convert(src, direct, tp, max_part_bytes=60_000).files
     assert_same_directory(saved, direct)
+    if tp == 4:  # a 4-rank reload adds no case: tied states reload at TP=1 and 2 here, TP=4 states load above
+        return
     with LLM(saved, tensor_parallel_size=tp) as llm:
         assert llm.load_reports[0].files[0].startswith(str(saved / "model-rank-0-part-"))
         for state, live in zip(llm.rank_state_dicts(), live_states, strict=True):
