@@ -3,6 +3,7 @@ as the reference."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,15 @@ def checkpoint_maker(tmp_path_factory: pytest.TempPathFactory, families: dict[st
         return made[name]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_left_as_it_was():
+    """Every test leaves Ctrl-C as it found it (a product path that ignored SIGINT and never restored it
+    once made a later test's Ctrl-C vanish, as it would a user's after that call)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"SIGINT's handler was left {after!r} (was {before!r})")
