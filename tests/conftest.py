@@ -93,8 +93,8 @@ def checkpoint_maker(tmp_path_factory: pytest.TempPathFactory, families: dict[st
 
 @pytest.fixture(autouse=True)
 def ctrl_c_left_as_it_was():
-    """Every test leaves Ctrl-C as it found it (a product path that ignored SIGINT and never restored it
-    once made a later test's Ctrl-C vanish, as it would a user's after that call)."""
+    """Every test leaves Ctrl-C as it found it: a library path that left SIGINT ignored would take a user's
+    Ctrl-C away after it returned (and a later test's here)."""
     before = signal.getsignal(signal.SIGINT)
     yield
     after = signal.getsignal(signal.SIGINT)

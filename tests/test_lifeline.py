@@ -29,8 +29,9 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_for_the_driver_not_lost():
     queue = context.Queue()
     worker_end, driver_end = lifeline(context)
     proc = context.Process(target=_worker, args=(queue, worker_end), daemon=True)
-    # a driver that acts on Ctrl-C (an earlier test in this process may have left SIGINT ignored, and an
-    # ignored Ctrl-C is rightly still ignored after the start)
+    # a driver that acts on Ctrl-C (pytest may have started with SIGINT ignored, as a background job of a
+    # non-interactive shell does: `make test &` in `bash -c`; an ignored Ctrl-C is rightly still ignored after
+    # the start)
     earlier = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
