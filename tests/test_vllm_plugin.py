@@ -235,3 +235,8 @@ def test_a_state_in_s3_each_rank_fetching_its_own_files(auto, checkpoint, case, 
     for rank, (where, nbytes) in fetched.items():  # each rank fetched its own files, whole, and nothing else
         own = sorted((tmp_path / "tp2").glob(f"model-rank-{rank}-part-*.safetensors"))
         assert (where, nbytes) == (url, sum(p.stat().st_size for p in own))
+    # vLLM's workers wrote them into the node cache in the background, and their exit waited for it
+    (cached,) = (tmp_path / "node-cache").iterdir()
+    assert not [p.name for p in cached.iterdir() if ".fetch-" in p.name]
+    for path in (tmp_path / "tp2").glob("model-rank-*.safetensors"):
+        assert (cached / path.name).read_bytes() == path.read_bytes(), path.name
