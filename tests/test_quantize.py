@@ -47,16 +47,24 @@ def checkpoint(tmp_path_factory):
     return checkpoint_maker(tmp_path_factory, FAMILIES, seed=4)
 
 
-@pytest.mark.parametrize("method", ["int8", "fp8"])
-@pytest.mark.parametrize("name,tp", [("llama", 1), ("llama", 2), ("qwen2-moe", 2),
-                                     pytest.param("qwen2-moe", 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,tp,method", [
+    *((name, tp, method) for name, tp in (("llama", 1), ("llama", 2), ("qwen2-moe", 2)) for method in ("int8", "fp8")),
+    pytest.param("qwen2-moe", 4, "fp8", marks=pytest.mark.slow),  # one 4-rank start: the scales' all-reduce
+])
 def test_quantized_generate_matches_a_hand_quantized_transformers_model(checkpoint, tmp_path, name, tp, method):
+    """At TP=4 the save is also checked: row-parallel ranks hold a quarter of each row, and their all-reduced
+    maxima give the scales of the whole row, so the saved bytes are the offline converter's."""
     src = checkpoint(name)
     ref_tokens, ref_logits = transformers_greedy(reference_checkpoint(src, tmp_path / "ref", method), PROMPTS, STEPS)
     _, plain_logits = transformers_greedy(src, PROMPTS, STEPS)
     with LLM(src, tensor_parallel_size=tp, load_format="sliced", quantize=method) as llm:
         outputs = llm.generate(PROMPTS, max_new_tokens=STEPS, ignore_eos=True)
         state = llm.rank_state_dicts()[0]
+        if tp == 4:
+            llm.save_sharded_state(tmp_path / "saved", max_size=30_000)
+    if tp == 4:
+        convert(src, tmp_path / "direct", 4, max_part_bytes=30_000, quantize=method)
+        assert_same_directory(tmp_path / "saved", tmp_path / "direct")
     logits = torch.stack([o.logits for o in outputs])
     assert (logits - ref_logits).abs().max() / ref_logits.abs().max() < 1e-4
     assert [o.token_ids for o in outputs] == ref_tokens
@@ -133,17 +141,6 @@ def test_a_quantized_state_refuses_what_it_cannot_honour(checkpoint, tmp_path):
     assert json.loads(inspected.stdout)["quantization"] == {"method": "int8", "scales": "per-output-channel"}
     same = shardstate("generate", str(tmp_path / "q"), "--tp", "2", "--quantize", "int8", "--prompt-ids", "1,2")
     assert same.returncode == 0, same.stderr
-
-
-@pytest.mark.slow
-def test_save_quantized_at_tp4_equals_convert(checkpoint, tmp_path):
-    """Row-parallel ranks at TP=4 hold a quarter of each row: their all-reduced maxima give the scales of
-    the whole row, so the saved bytes are the offline converter's."""
-    src = checkpoint("qwen2-moe")
-    with LLM(src, tensor_parallel_size=4, load_format="sliced", quantize="fp8") as llm:
-        llm.save_sharded_state(tmp_path / "saved", max_size=30_000)
-    convert(src, tmp_path / "direct", 4, max_part_bytes=30_000, quantize="fp8")
-    assert_same_directory(tmp_path / "saved", tmp_path / "direct")
 
 
 def test_quantizing_after_a_sharded_load_frees_the_load_buffer(checkpoint, tmp_path):
