@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import S3_BUCKET, checkpoint_maker
+from conftest import S3_BUCKET, checkpoint_maker, transformers_greedy
 from rank_files import rank_tensors
 from shardstate.convert import convert
 from shardstate.format.safetensors_header import read_header
@@ -71,15 +71,15 @@ def test_a_state_loads_at_another_tp_size_as_its_convert(family_dir, tmp_path, n
 
 
 def test_a_state_loads_split_further_at_tp4(family_dir, tmp_path):
-    """2 -> 4 (each saved box cut in two) for an MoE with a shared expert; greedy tokens equal those of the
-    direct convert. Rank n reads within saved rank n // 2's files only: dim-1 splits in whole rows (a few
-    large reads, not one per row: loaders/boxes.py), dim-0 splits exactly."""
+    """2 -> 4 (each saved box cut in two) for an MoE with a shared expert: the direct convert's tensors, and
+    transformers' greedy tokens (no second 4-rank start for the direct state). Rank n reads within saved
+    rank n // 2's files only: dim-1 splits in whole rows (a few large reads, not one per row:
+    loaders/boxes.py), dim-0 splits exactly."""
     src = family_dir("qwen2-moe")
     convert(src, tmp_path / "tp2", 2)
     convert(src, tmp_path / "tp4", 4)
     prompts = [[1, 5, 9, 33, 7], [4, 100, 2]]
-    with LLM(tmp_path / "tp4", tensor_parallel_size=4) as direct:
-        expected = [o.token_ids for o in direct.generate(prompts, max_new_tokens=6, ignore_eos=True)]
+    expected = transformers_greedy(src, prompts, 6)[0]
     with LLM(tmp_path / "tp2", tensor_parallel_size=4) as llm:
         assert_loads_as_its_convert(llm, tmp_path / "tp4")
         assert [o.token_ids for o in llm.generate(prompts, max_new_tokens=6, ignore_eos=True)] == expected
