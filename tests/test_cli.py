@@ -41,8 +41,8 @@ def test_generate_json_matches_transformers(checkpoints):
 @pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True])
 def test_generate_under_torchrun(checkpoints, tmp_path, sharded):
-    """Each rank a torchrun process, from the HF checkpoint and from a sharded state (whose ranks reserve
-    their load memory and fault it in as they join their group: bytes_prefaulted)."""
+    """Each rank a torchrun process, from the HF checkpoint and from a sharded state; either way a rank
+    reserves its load memory and faults it in as it joins its group (bytes_prefaulted)."""
     model_dir = checkpoints["mha_tied"]
     source = model_dir
     if sharded:
@@ -58,7 +58,7 @@ def test_generate_under_torchrun(checkpoints, tmp_path, sharded):
     doc = json.loads(line)
     assert [o["token_ids"] for o in doc["outputs"]] == transformers_greedy(model_dir, [[5, 6, 7]], 4)[0]
     assert [r["rank"] for r in doc["load"]] == [0, 1]
-    assert all((r["bytes_prefaulted"] > 0) == sharded for r in doc["load"])
+    assert all(r["bytes_prefaulted"] > 0 for r in doc["load"])  # the read arena, or the parameters
 
 
 def broken_copy(src: Path, dst: Path, edit) -> Path:

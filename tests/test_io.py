@@ -142,7 +142,8 @@ def test_truncated_file_is_an_error(data_files):
 
 
 def test_every_io_mode_loads_the_same_model(checkpoints, tmp_path, monkeypatch):
-    """Also --io read with the reserved, pre-faulted load memory and huge pages each on and off."""
+    """Also --io read with the reserved, pre-faulted load memory and huge pages each on and off, and a HF
+    load (which copies into its parameters: their memory is what is reserved) with and without it."""
     src = checkpoints["gqa_untied"]
     convert(src, tmp_path / "tp2", 2)
     with LLM(src, tensor_parallel_size=2, load_format="default") as llm:
@@ -159,4 +160,10 @@ def test_every_io_mode_loads_the_same_model(checkpoints, tmp_path, monkeypatch):
             report = llm.load_reports[0]
             assert (report.bytes_mapped > 0) == (io == "mmap")
             assert (report.bytes_prefaulted > 0) == (io == "read" and prefault == "1")
+    for prefault in ("1", "0"):
+        monkeypatch.setenv("SHARDSTATE_PREFAULT", prefault)
+        with LLM(src, tensor_parallel_size=2, load_format="sliced") as llm:
+            for state, expected in zip(llm.rank_state_dicts(), reference, strict=True):
+                assert_states_equal(state, expected)
+            assert all((r.bytes_prefaulted > 0) == (prefault == "1") for r in llm.load_reports)
             assert report.peak_rss > 0

@@ -10,6 +10,7 @@ memory that is already there. Torch is imported here only when a tensor is made,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -48,7 +49,8 @@ class Arena:
         self.size = max(size, 1)
         self._map = mmap.mmap(-1, align_up(self.size, PAGE))
         if enabled("SHARDSTATE_HUGEPAGES") and hasattr(mmap, "MADV_HUGEPAGE"):
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+            with contextlib.suppress(OSError):  # a kernel built without THP: EINVAL, and 4 KiB pages
+                self._map.madvise(mmap.MADV_HUGEPAGE)
 
     @functools.cached_property
     def tensor(self) -> torch.Tensor:

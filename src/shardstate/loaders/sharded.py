@@ -20,7 +20,6 @@ from shardstate.format.sharded_state import (
     index_rank,
     warn_legacy,
 )
-from shardstate.io.arena import enabled
 from shardstate.io.digests import Expected, StreamingDigests, digest_mismatch
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
@@ -85,14 +84,19 @@ def check_before_workers(directory: ModelDir, params: dict[str, torch.Tensor] | 
             index_rank(state, rank, needs_of(as_saved[rank // state.tp_size]), account)
 
 
-def load_memory(directory: ModelDir, load_format: str, rank: int, io_mode: str, layout: tuple[int, int]) -> int:
-    """The bytes world rank `rank`'s load will read into one arena, worth reserving before it starts
-    (io/arena.py; SHARDSTATE_PREFAULT=0: never); 0 where the load does not read into one: not a sharded
-    load of a local state at its own (tp, pp) `layout`, or mmap / direct I/O, or a GPU. An upper bound:
-    the rank's files' sizes (every span lies within its file) plus each region's alignment."""
+def rebinds_parameters(directory: ModelDir, load_format: str, layout: tuple[int, int]) -> bool:
+    """The sharded loader at the state's own (tp, pp) `layout`: the parameters become views of the memory it
+    reads into (or maps), not copies."""
     state = directory.state
-    if (load_format != "sharded" or state is None or (state.tp_size, state.pp_size) != layout or io_mode != "read"
-            or directory.remote is not None or torch.cuda.is_available() or not enabled("SHARDSTATE_PREFAULT")):
+    return load_format == "sharded" and state is not None and (state.tp_size, state.pp_size) == layout
+
+
+def read_arena_bytes(directory: ModelDir, rank: int, io_mode: str) -> int:
+    """What world rank `rank`'s sharded read (at the state's layout) reads into one arena: its files' sizes
+    (every span lies within its file) plus each region's alignment, an upper bound; 0 where it reads into
+    no arena of its own (mmap, direct, an S3 state whose files arrive with the load)."""
+    state = directory.state
+    if state is None or io_mode != "read" or directory.remote is not None:
         return 0
     if state.manifest is not None:
         return sum(state.manifest.files[name]["size"] + 64 for name in state.manifest.rank_files(rank))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardstate.io.arena import Scratch, align_up
 from shardstate.parallel.distributed import TPGroup
 from shardstate.spec import ShardSpec
 
@@ -133,17 +134,40 @@ class ParallelLMHead(ShardedWeight):
         return self.group.all_gather_last_dim(logits)[..., : self.vocab_size]
 
 
-def materialize(model: nn.Module, device: torch.device) -> None:
+def _storage_layout(model: nn.Module) -> tuple[dict[int, int], int]:
+    """Each distinct parameter's byte offset in one allocation (64-byte aligned), and its size."""
+    offsets, total = {}, 0
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) not in offsets:
+                offsets[id(param)] = total
+                total = align_up(total + param.numel() * param.element_size(), 64)
+    return offsets, total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """What `materialize` takes from its `memory` for `model` (tied parameters once)."""
+    return _storage_layout(model)[1]
+
+
+def materialize(model: nn.Module, device: torch.device, memory: Scratch | None = None) -> None:
     """Give every meta parameter uninitialised storage on `device`, keeping tied parameters tied.
-    (nn.Module.to_empty would untie them.)"""
+    (nn.Module.to_empty would untie them.) With `memory` (on the CPU), the parameters are views of one
+    arena from it: a worker's load memory, reserved and faulted in while it started (io/arena.py)."""
+    offsets, total = _storage_layout(model)
+    arena = memory.arena(total).tensor if memory is not None else None
     fresh: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             if id(param) not in fresh:
-                fresh[id(param)] = nn.Parameter(
-                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False
-                )
+                if arena is None:
+                    storage = torch.empty(param.shape, dtype=param.dtype, device=device)
+                else:
+                    at = offsets[id(param)]
+                    nbytes = param.numel() * param.element_size()
+                    storage = arena[at : at + nbytes].view(param.dtype).view(param.shape)
+                fresh[id(param)] = nn.Parameter(storage, requires_grad=False)
                 fresh[id(param)].spec = param.spec
             module._parameters[name] = fresh[id(param)]

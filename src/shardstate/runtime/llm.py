@@ -21,8 +21,8 @@ from shardstate.format.checkpoint import find_weight_files
 from shardstate.format.manifest import PP1_PATTERN, PP_PATTERN, check_pattern
 from shardstate.io.engine import IO_MODES
 from shardstate.io.reader import ReadAccount
-from shardstate.loaders import LoadReport, resolve_load_format
-from shardstate.loaders.sharded import check_before_workers, load_memory
+from shardstate.loaders import LoadReport, memory_to_reserve, resolve_load_format
+from shardstate.loaders.sharded import check_before_workers
 from shardstate.models import (
     OpenedModel,
     build_on_meta,
@@ -32,6 +32,7 @@ from shardstate.models import (
     quantize_after_load,
 )
 from shardstate.parallel.distributed import cores_per_rank, free_port
+from shardstate.parallel.layers import parameter_bytes
 from shardstate.runtime.lifeline import lifeline, starting_worker
 from shardstate.runtime.prompts import Output, PromptCodec
 from shardstate.runtime.worker import WorkerArgs
@@ -142,7 +143,9 @@ class LLM:
         args = WorkerArgs(opened, load_format, io, io_threads, verify, self.quantize, pipeline_parallel_size,
                           self._stages[0].partition)
         layout = (tensor_parallel_size, pipeline_parallel_size)  # each worker's load memory, faulted in as it starts
-        reserve = [load_memory(opened.directory, load_format, rank, io, layout) for rank in range(world)]
+        reserve = [memory_to_reserve(opened.directory, load_format, rank, io, layout,
+                                     parameter_bytes(meta_models[rank // tensor_parallel_size]),
+                                     self.quantize is not None) for rank in range(world)]
         context = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         threads = cores_per_rank(world)

@@ -9,10 +9,10 @@ import torch.distributed as dist
 
 from shardstate.errors import ShardstateError
 from shardstate.io.arena import Reservation
-from shardstate.loaders import LoadReport, resolve_load_format
-from shardstate.loaders.sharded import load_memory
+from shardstate.loaders import LoadReport, memory_to_reserve, resolve_load_format
 from shardstate.models import check_parameters_fit
 from shardstate.parallel.distributed import init_group, torchrun_env
+from shardstate.parallel.layers import parameter_bytes
 from shardstate.runtime.prompts import Output, prepare_prompts
 from shardstate.runtime.worker import Worker, WorkerArgs, describe, is_collective_timeout
 from shardstate.store import cache_files
@@ -33,8 +33,9 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
                                args.cache_dir)
     config, codec, prompt_ids = prepared.model.config, prepared.codec, prepared.ids
     stages = prepared.model.stages(tp, pp)
-    reserve = load_memory(prepared.model.directory, resolve_load_format(args.load_format, prepared.model.directory),
-                          rank, args.io, (tp, pp))
+    load_format = resolve_load_format(args.load_format, prepared.model.directory)
+    reserve = memory_to_reserve(prepared.model.directory, load_format, rank, args.io, (tp, pp),
+                                parameter_bytes(prepared.model.build_on_meta(stages[rank // tp])), False)
     memory = Reservation(reserve) if reserve else None  # faulted in as the rank joins its group, builds its model
     check_parameters_fit(prepared.model.build_on_meta(stages[0]), ranks_here)
     prepared.model.directory.connect()  # an s3:// model's client made while the group forms

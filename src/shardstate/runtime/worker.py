@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -16,7 +16,8 @@ import torch.distributed as dist
 from shardstate.errors import ShardstateError
 from shardstate.io.arena import Reservation
 from shardstate.io.reader import Arrivals
-from shardstate.loaders import IOOptions, load_weights
+from shardstate.loaders import IOOptions, load_weights, resolve_load_format
+from shardstate.loaders.sharded import rebinds_parameters
 from shardstate.models import OpenedModel
 from shardstate.parallel.distributed import TPGroup, device_for, init_group, reader_threads
 from shardstate.parallel.layers import materialize
@@ -49,15 +50,20 @@ class Worker:
         self.rank = group.world_rank
         self.group = group
         self.model = args.model.build_on_meta(group)
-        materialize(self.model, torch.device("cpu"))
+        directory = args.model.directory
+        rebinds = rebinds_parameters(directory, resolve_load_format(args.load_format, directory),
+                                     (group.size, group.pp_size))
+        materialize(self.model, torch.device("cpu"), None if rebinds else memory)  # (loaders copy into them)
         device = device_for(local_rank)
         threads = args.io_threads or reader_threads(group.world_size)
-        io = IOOptions(args.io_mode, threads, str(device), args.verify, memory)
+        io = IOOptions(args.io_mode, threads, str(device), args.verify, memory if rebinds else None)
         if group.world_size > 1:
             dist.barrier()  # ranks start loading together, so per-rank load times are comparable
         with loading(group, Arrivals.so_far, timeout_s):  # a rank still downloading is waited for, not timed out
-            self.load_report = load_weights(args.load_format, self.model, args.model.directory, group.rank, io,
-                                            args.model.saved_layout(group.size, group.pp_size))
+            prefaulted = memory.faulted if memory is not None else 0
+            report = load_weights(args.load_format, self.model, directory, group.rank, io,
+                                  args.model.saved_layout(group.size, group.pp_size))
+        self.load_report = replace(report, bytes_prefaulted=prefaulted)
         if memory is not None:  # the parameters hold what the load used of it; the rest goes now
             memory.release()
         if args.quantize is not None:
