@@ -35,6 +35,7 @@ from shardstate.convert import convert
 from shardstate.memory import peak_rss_bytes
 
 REPEATS = 3
+VLLM_REPEATS = 1  # a vLLM start takes ~45 s here
 BUCKET = "shardstate-bench"
 STREAMER = "Run:ai streamer (default: io_uring O_DIRECT)"
 STREAMER_BUFFERED = "Run:ai streamer, io_uring buffered"
@@ -102,7 +103,7 @@ def run_runai(out_dir: Path, cache_root: Path, tp_sizes: tuple[int, ...], vllm_p
     rows += _s3_rows(model_dir, states, repeats)
     for cache in ("warm", "cold"):
         for tp in tp_sizes:
-            rows += _vllm_rows(vllm_python, model_dir, states[tp], tp, cache, every, 1 if smoke else 2)
+            rows += _vllm_rows(vllm_python, model_dir, states[tp], tp, cache, every, VLLM_REPEATS)
     return write_rows(out_dir, "peers", rows, table(rows, model_dir.name))
 
 
@@ -211,8 +212,10 @@ def _vllm_rows(python: Path | None, model_dir: Path, state: Path, tp: int, cache
 
 def table(rows: list[dict], model: str) -> str:
     """Each way's seconds per TP and cache, then shardstate's speed-up over each peer beside its goal."""
+    rounds = max((len(r.get("seconds_each", [])) for r in rows if r["where"] != "vllm"), default=0)
     lines = [f"{model}, each rank's files of its sharded state; seconds: the slowest rank's, every rank at once, "
-             f"median of interleaved rounds (vLLM: its weights-loading log line).", "",
+             f"median of {rounds} interleaved rounds; vLLM: {VLLM_REPEATS} start each, its own log line for the "
+             f"weights (`Loading weights took`, the plugin's `read ... in S s`).", "",
              "| where | TP | cache | way | seconds | GB/s |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" in r:
