@@ -1,8 +1,8 @@
 """`shardstate bench --warm-path` (and `make bench`): where a sharded read's time goes, warm and cold.
 
 The sharded read of the benchmark model's state at each TP size, every rank in its own worker, with the
-rank's load memory reserved and faulted in while the worker starts (io/arena.py) and with huge pages,
-each on and off (SHARDSTATE_PREFAULT, SHARDSTATE_HUGEPAGES); against the read limit (`readinto` into
+rank's load memory reserved and faulted in while the worker starts (io/arena.py; the default), without
+that, and with huge pages (SHARDSTATE_PREFAULT, SHARDSTATE_HUGEPAGES); against the read limit (`readinto` into
 memory faulted in beforehand, untimed) and vLLM's `sharded_state` on the same files ("Loading weights
 took": vLLM allocates its parameters while it builds the model, before that clock). For shardstate both
 the load time (from the ranks' barrier) and the time from `LLM(...)` to a loaded model (process start,
@@ -25,9 +25,9 @@ from shardstate.runtime.llm import LLM
 ROUNDS = 3
 SHARDED = "sharded read"
 VARIANTS = {  # name -> environment of the load
-    SHARDED: {"SHARDSTATE_PREFAULT": "1", "SHARDSTATE_HUGEPAGES": "1"},
-    "sharded read, no prefault": {"SHARDSTATE_PREFAULT": "0", "SHARDSTATE_HUGEPAGES": "1"},
-    "sharded read, no prefault, no huge pages": {"SHARDSTATE_PREFAULT": "0", "SHARDSTATE_HUGEPAGES": "0"},
+    SHARDED: {"SHARDSTATE_PREFAULT": "1", "SHARDSTATE_HUGEPAGES": "0"},
+    "sharded read, huge pages": {"SHARDSTATE_PREFAULT": "1", "SHARDSTATE_HUGEPAGES": "1"},
+    "sharded read, no prefault": {"SHARDSTATE_PREFAULT": "0", "SHARDSTATE_HUGEPAGES": "0"},
 }
 LIMIT = "limit (readinto, pre-faulted)"
 VLLM = "vLLM sharded_state"

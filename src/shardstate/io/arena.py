@@ -26,9 +26,10 @@ MADV_POPULATE_WRITE = 23
 PREFAULT_STEP = 16 << 20  # what the background thread faults in at a time (so that it can stop between)
 
 
-def enabled(knob: str) -> bool:
-    """SHARDSTATE_PREFAULT / SHARDSTATE_HUGEPAGES: on unless set to 0 (to measure without them)."""
-    return os.environ.get(knob, "1") != "0"
+def enabled(knob: str, default: bool = True) -> bool:
+    """An environment switch: SHARDSTATE_PREFAULT (default on), SHARDSTATE_HUGEPAGES (default off): "0" or
+    "1" to measure with and without."""
+    return os.environ.get(knob, "1" if default else "0") != "0"
 
 
 def align_down(n: int, a: int) -> int:
@@ -42,13 +43,14 @@ def align_up(n: int, a: int) -> int:
 class Arena:
     """One anonymous, page-aligned allocation. Tensors made from it keep it alive. Pages are faulted in
     chunk by chunk just before each read (`populate`, one madvise per chunk) unless a reservation's
-    thread did it already. It asks for 2 MiB transparent huge pages (MADV_HUGEPAGE; THP is `madvise` on
-    most hosts): 512x fewer faults where the kernel has them to give."""
+    thread did it already. With SHARDSTATE_HUGEPAGES=1 it asks for 2 MiB transparent huge pages
+    (MADV_HUGEPAGE): 512x fewer faults, but no faster here (zeroing, not faulting, is the cost) and, where
+    THP defrag is `madvise`, a fault may first compact memory (seconds, with the page cache full)."""
 
     def __init__(self, size: int):
         self.size = max(size, 1)
         self._map = mmap.mmap(-1, align_up(self.size, PAGE))
-        if enabled("SHARDSTATE_HUGEPAGES") and hasattr(mmap, "MADV_HUGEPAGE"):
+        if enabled("SHARDSTATE_HUGEPAGES", default=False) and hasattr(mmap, "MADV_HUGEPAGE"):
             with contextlib.suppress(OSError):  # a kernel built without THP: EINVAL, and 4 KiB pages
                 self._map.madvise(mmap.MADV_HUGEPAGE)
 
