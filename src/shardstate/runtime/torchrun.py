@@ -33,11 +33,11 @@ def generate_under_torchrun(args: argparse.Namespace) -> tuple[list[Output], lis
                                args.cache_dir)
     config, codec, prompt_ids = prepared.model.config, prepared.codec, prepared.ids
     stages = prepared.model.stages(tp, pp)
+    check_parameters_fit(prepared.model.build_on_meta(stages[0]), ranks_here)  # before reserving memory for it
     load_format = resolve_load_format(args.load_format, prepared.model.directory)
     reserve = memory_to_reserve(prepared.model.directory, load_format, rank, args.io, (tp, pp),
                                 parameter_bytes(prepared.model.build_on_meta(stages[rank // tp])), False)
     memory = Reservation(reserve) if reserve else None  # faulted in as the rank joins its group, builds its model
-    check_parameters_fit(prepared.model.build_on_meta(stages[0]), ranks_here)
     prepared.model.directory.connect()  # an s3:// model's client made while the group forms
     try:
         # the rendezvous times out like a collective
