@@ -237,7 +237,8 @@ def _closed_port() -> int:
 
 def test_the_server_dying_mid_download_is_one_error_and_leaves_nothing(tmp_path):
     """The server is SIGKILLed while the ranks download their ~100 MB files: one error line within the
-    time-outs, no worker left, no temporary file in the cache."""
+    time-outs, no worker left, no temporary file in the cache (a rank file there is one whose download
+    finished and matched the manifest first, written whole)."""
     src = make_llama_checkpoint(tmp_path / "src", seed=1, vocab_size=100_000, hidden_size=256, intermediate_size=256,
                                 num_hidden_layers=1, tie_word_embeddings=False)
     convert(src, tmp_path / "tp2", 2)
@@ -248,8 +249,8 @@ def test_the_server_dying_mid_download_is_one_error_and_leaves_nothing(tmp_path)
         env = {**os.environ, **dying.env(), "SHARDSTATE_TEST_MARKER": "s3-dying"}
         proc = subprocess.Popen([str(BIN / "shardstate"), "generate", url, "--tp", "2", *PROMPT, "--cache-dir",
                                  str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 120
-        while not list(cache.glob("*/.model-rank-*.fetch-*")):
+        deadline, served = time.monotonic() + 120, _bytes_written(dying.process.pid)
+        while _bytes_written(dying.process.pid) - served < 16 << 20:  # the downloads are under way
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.005)
         dying.stop(signal.SIGKILL)
@@ -261,7 +262,14 @@ def test_the_server_dying_mid_download_is_one_error_and_leaves_nothing(tmp_path)
     assert not processes_with_env(b"SHARDSTATE_TEST_MARKER=s3-dying")
     (cached,) = cache.iterdir()
     assert not [p.name for p in cached.iterdir() if ".fetch-" in p.name]
-    assert not list(cached.glob("model-rank-*"))
+    for path in cached.glob("model-rank-*"):
+        assert path.read_bytes() == (tmp_path / "tp2" / path.name).read_bytes(), path.name
+
+
+def _bytes_written(pid: int) -> int:
+    """What a process has written so far (files and sockets: a server's responses), from /proc."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["wchar"])
 
 
 def test_two_torchrun_nodes_each_fetch_only_their_ranks_files(server, state, tmp_path):
