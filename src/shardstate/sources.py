@@ -11,7 +11,7 @@ import torch
 
 from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.sharded_state import check_specs, index_rank, warn_legacy
-from shardstate.io.engine import Scratch
+from shardstate.io.arena import Scratch
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import open_checked, read_entries
 from shardstate.models import OpenedModel, build_on_meta

@@ -6,13 +6,14 @@ summed over ranks divided by that time. Peak RSS is each rank process's maximum 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -48,6 +49,22 @@ SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads (None: the defaul
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment (spawned workers and peers inherit it) for the block,
+    then put back as they were."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def write_rows(out_dir: Path, stem: str, rows: list[dict], table: str) -> list[dict]:

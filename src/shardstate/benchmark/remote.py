@@ -15,12 +15,11 @@ over shardstate's), both ranks at once. Writes remote.json and remote.md."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from shardstate.benchmark import ensure_model, say, summarize, write_rows
+from shardstate.benchmark import ensure_model, environment, say, summarize, write_rows
 from shardstate.benchmark.ranks import run_ranks
 from shardstate.benchmark.seaweedfs import available, s3_server
 from shardstate.convert import convert
@@ -51,27 +50,18 @@ def run_remote(out_dir: Path, cache_root: Path, tp: int, smoke: bool = False) ->
     work = Path(tempfile.mkdtemp(prefix="shardstate-remote-bench-", dir=cache_root))
     rows: list[dict] = []
     try:
-        with s3_server(work / "seaweedfs") as server:
-            saved = {k: os.environ.get(k) for k in server.env()}
-            os.environ.update(server.env())  # the workers and boto3 read them
-            try:
-                server.client().create_bucket(Bucket=BUCKET)
-                url, checkpoint = f"s3://{BUCKET}/{state.name}", f"s3://{BUCKET}/{model_dir.name}"
-                upload_state(state, url)
-                for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
-                    server.client().upload_file(str(path), BUCKET, f"{model_dir.name}/{path.name}")
-                if not smoke:  # untimed: the server's files in its page cache for all
-                    run_ranks("s3_download", every, url)
-                for _ in range(1 if smoke else REPEATS):
-                    rows.extend(_shardstate_rows(url, checkpoint, tp, work))
-                    rows.append({"name": "boto3, own files", **summarize(run_ranks("s3_download", own, url))})
-                    rows.append({"name": "boto3, whole state", **summarize(run_ranks("s3_download", every, url))})
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key)
-                    else:
-                        os.environ[key] = value
+        with s3_server(work / "seaweedfs") as server, environment(server.env()):  # the workers and boto3 read it
+            server.client().create_bucket(Bucket=BUCKET)
+            url, checkpoint = f"s3://{BUCKET}/{state.name}", f"s3://{BUCKET}/{model_dir.name}"
+            upload_state(state, url)
+            for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+                server.client().upload_file(str(path), BUCKET, f"{model_dir.name}/{path.name}")
+            if not smoke:  # untimed: the server's files in its page cache for all
+                run_ranks("s3_download", every, url)
+            for _ in range(1 if smoke else REPEATS):
+                rows.extend(_shardstate_rows(url, checkpoint, tp, work))
+                rows.append({"name": "boto3, own files", **summarize(run_ranks("s3_download", own, url))})
+                rows.append({"name": "boto3, whole state", **summarize(run_ranks("s3_download", every, url))})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     medians = _medians(rows, tp)

@@ -22,6 +22,7 @@ from typing import Any
 
 from shardstate.benchmark import (
     ensure_model,
+    environment,
     rank_files,
     say,
     shardstate_run,
@@ -153,7 +154,6 @@ def _s3_rows(model_dir: Path, states: dict[int, Path], repeats: int) -> list[dic
     from shardstate.benchmark.remote import EMPTY_CACHE, _load_row
     from shardstate.benchmark.seaweedfs import available as have_seaweedfs
     from shardstate.benchmark.seaweedfs import s3_server
-    from shardstate.benchmark.vllm_plugin import _environment
     from shardstate.store.upload import upload_state
 
     if not have_seaweedfs():
@@ -162,7 +162,7 @@ def _s3_rows(model_dir: Path, states: dict[int, Path], repeats: int) -> list[dic
     work = Path(tempfile.mkdtemp(prefix="shardstate-runai-bench-", dir=states[min(states)].parent))
     rows: list[dict] = []
     try:
-        with s3_server(work / "seaweedfs") as server, _environment(server.env()):
+        with s3_server(work / "seaweedfs") as server, environment(server.env()):
             server.client().create_bucket(Bucket=BUCKET)
             for tp, state in states.items():
                 url = f"s3://{BUCKET}/{state.name}"

@@ -18,10 +18,9 @@ import re
 import shutil
 import statistics
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from shardstate.benchmark import ensure_model, say, warm_or_cold, weight_files, write_rows
+from shardstate.benchmark import ensure_model, environment, say, warm_or_cold, weight_files, write_rows
 from shardstate.benchmark.peers import LOAD_LINE, failure, run_peer
 from shardstate.benchmark.seaweedfs import available, s3_server
 from shardstate.convert import convert
@@ -78,7 +77,7 @@ def run_vllm_plugin(out_dir: Path, cache_root: Path, python: Path, tp_sizes: tup
                 url = None
                 if server is not None:
                     url = f"s3://{BUCKET}/{state.name}"
-                    with _environment(s3_env):
+                    with environment(s3_env):
                         upload_state(state, url)
                 every = weight_files(model_dir) + weight_files(state)
                 for cache in ("warm", "cold"):
@@ -87,20 +86,6 @@ def run_vllm_plugin(out_dir: Path, cache_root: Path, python: Path, tp_sizes: tup
         shutil.rmtree(work, ignore_errors=True)
     write_rows(out_dir, "vllm-plugin", rows, table(rows))
     return rows
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _runs(python: Path, model_dir: Path, state: Path, url: str | None, s3_env: dict, tp: int, cache: str,

@@ -11,12 +11,20 @@ Writes warm-path.json and warm-path.md."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from pathlib import Path
 
-from shardstate.benchmark import VLLM_REPEATS, ensure_model, rank_files, say, warm_or_cold, weight_files, write_rows
+from shardstate.benchmark import (
+    VLLM_REPEATS,
+    ensure_model,
+    environment,
+    rank_files,
+    say,
+    warm_or_cold,
+    weight_files,
+    write_rows,
+)
 from shardstate.benchmark.peers import vllm_load
 from shardstate.benchmark.ranks import run_ranks
 from shardstate.convert import convert
@@ -34,19 +42,11 @@ VLLM = "vLLM sharded_state"
 
 
 def timed_load(state: Path, tp: int, env: dict[str, str]) -> dict:
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # the spawned workers inherit them
-    try:
+    with environment(env):  # the spawned workers inherit it
         start = time.perf_counter()
         with LLM(state, tensor_parallel_size=tp) as llm:
             started = time.perf_counter() - start
             reports = llm.load_reports
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return {"seconds": max(r.seconds for r in reports), "start_seconds": started,
             "bytes_prefaulted": sum(r.bytes_prefaulted for r in reports)}
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import Checkpoint, TensorLocation, open_checkpoint
-from shardstate.io.engine import Scratch, Span, read_spans
+from shardstate.io.arena import Scratch
+from shardstate.io.engine import Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.spec import Copy, ShardSpec
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 
 from shardstate.format.checkpoint import TensorLocation
-from shardstate.io.engine import Scratch, Span, read_spans
+from shardstate.io.arena import Scratch
+from shardstate.io.engine import Span, read_spans
 from shardstate.io.reader import ReadAccount, byte_view
 from shardstate.spec import Copy, byte_runs, cut
 

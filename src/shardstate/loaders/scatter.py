@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import Checkpoint
-from shardstate.io.engine import Scratch
+from shardstate.io.arena import Scratch
 from shardstate.io.reader import ReadAccount
 from shardstate.loaders.base import LoadTarget, open_checked, read_entries
 from shardstate.spec import ShardSpec

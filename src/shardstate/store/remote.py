@@ -28,8 +28,9 @@ from shardstate.format.config_json import CONFIG_NAME
 from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, is_plain_name, parse_manifest
 from shardstate.format.sharded_state import LEGACY_FILE
 from shardstate.format.strict_json import loads_strict
+from shardstate.io.arena import Scratch
 from shardstate.io.crc32 import Crc32Sink
-from shardstate.io.engine import Scratch, Span, read_spans
+from shardstate.io.engine import Span, read_spans
 from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import (
     CACHE_TODO,
