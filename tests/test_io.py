@@ -16,11 +16,13 @@ from conftest import PROMPTS
 from shardstate import LLM
 from shardstate.convert import convert
 from shardstate.errors import ShardstateError
+from shardstate.io import arena as arena_module
 from shardstate.io import engine
 from shardstate.io.arena import Reservation
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.engine import Span, read_spans, read_spans_to_device
 from shardstate.io.reader import ReadAccount
+from test_determinism import NoPopulate
 from test_loaders import assert_states_equal
 
 
@@ -127,6 +129,19 @@ def test_reserved_memory_is_what_a_read_fills(data_files):
         assert (got[0].untyped_storage().data_ptr() == reserved.untyped_storage().data_ptr()) == inside
         memory.release()
         assert memory.size == 0
+
+
+def test_reservation_never_writes_where_the_kernel_cannot_prefault(data_files, monkeypatch):
+    """Without MADV_POPULATE_WRITE the reservation's thread stops rather than touch pages (a write could
+    land on bytes a reader has filled); the read faults its pages in itself, and its bytes are right."""
+    monkeypatch.setattr(arena_module.mmap, "mmap", NoPopulate)
+    spans = [Span(data_files[0], 24, 3 * 4096 + 17), Span(data_files[1], 8, 10_000)]
+    memory = Reservation(1 << 20)
+    with ReadAccount() as account:
+        got = read_spans(spans, "read", account, 2, scratch=memory)
+    assert [bytes(t.numpy()) for t in got] == expected_bytes(spans)
+    memory.release()
+    assert memory.faulted == 0
 
 
 def test_a_worker_reserves_its_memory_before_importing_torch():

@@ -60,11 +60,19 @@ class Arena:
 
         return torch.frombuffer(self._map, dtype=torch.uint8)
 
-    def populate(self, offset: int, size: int) -> None:
+    def prefault(self, offset: int, size: int) -> bool:
+        """Fault the pages of [offset, offset + size) in without writing a byte (False where the kernel
+        cannot: < 5.14)."""
         start = align_down(offset, PAGE)
         try:
             self._map.madvise(MADV_POPULATE_WRITE, start, align_up(offset + size, PAGE) - start)
-        except (OSError, ValueError):  # kernel < 5.14: touch the pages instead, but only at bytes of this range
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def populate(self, offset: int, size: int) -> None:
+        """Fault the pages of a range about to be read in: without MADV_POPULATE_WRITE, by writing to them."""
+        if not self.prefault(offset, size):  # kernel < 5.14: touch the pages instead, but only at bytes of this range
             for page in range(align_up(offset, PAGE), offset + size, PAGE):  # (the page holding `offset` may
                 self._map[page] = 0  # start with bytes another chunk has already read, or is reading now)
 
@@ -105,7 +113,8 @@ class Reservation(Scratch):
         for offset in range(0, arena.size, PREFAULT_STEP):
             if self._stop.is_set():
                 return
-            arena.populate(offset, min(PREFAULT_STEP, arena.size - offset))
+            if not arena.prefault(offset, min(PREFAULT_STEP, arena.size - offset)):
+                return  # never by writing: a read or a loader may be filling these pages already
             self.faulted = min(offset + PREFAULT_STEP, arena.size)
 
     def arena(self, size: int) -> Arena:
