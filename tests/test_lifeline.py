@@ -8,6 +8,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -53,6 +55,34 @@ def test_a_ctrl_c_while_a_worker_starts_is_held_for_the_driver_not_lost():
         signal.signal(signal.SIGINT, earlier)
         proc.kill()
         driver_end.close()
+
+
+FIRST_START = """
+import multiprocessing as mp, signal
+from shardstate.runtime.lifeline import starting_worker
+
+def blocked(end):
+    end.send(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+if __name__ == "__main__":
+    context = mp.get_context("spawn")
+    reply, end = context.Pipe(duplex=False)  # a Queue's locks would start the resource tracker first
+    proc = context.Process(target=blocked, args=(end,))
+    with starting_worker():
+        proc.start()
+    print(reply.recv())
+    proc.join()
+"""
+
+
+def test_the_first_worker_of_a_driver_starts_with_sigint_blocked_too(tmp_path):
+    """A driver's first spawn also starts multiprocessing's resource tracker, whose start lifts its own
+    SIGINT block when done: inside the held start, the first worker was let start with SIGINT deliverable
+    (a Ctrl-C to the process group printed "Process SpawnProcess-1:" from its torch import)."""
+    script = tmp_path / "driver.py"
+    script.write_text(FIRST_START)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
 
 
 def _lost_peer(stderr_path: str) -> None:

@@ -12,6 +12,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Iterator
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 
@@ -65,10 +66,13 @@ def _stops_held() -> Iterator[None]:
     returns, then acted on: acted on inside `Process.start()`, one would cut the pipe the new process reads
     its start-up data from, and that process would print a traceback; ignored (SIG_IGN, as before), a
     Ctrl-C in those milliseconds was lost. (Handlers belong to the main thread: from another, the worker
-    starts as it is and ignores SIGINT once `watch_driver` runs.)"""
+    starts as it is and ignores SIGINT once `watch_driver` runs.) The spawn context's resource tracker is
+    started first: its own start unblocks SIGINT when it is done (bpo-33613's mask, lifted with
+    SIG_UNBLOCK), so started inside the block it let the first worker start with SIGINT deliverable."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    resource_tracker.ensure_running()
     held: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
