@@ -1,6 +1,6 @@
 """Loads that run in one spawned process per rank, started together at a barrier and timed from it:
-the hardware limit (plain readinto of the rank's bytes into pre-faulted memory) and the safetensors
-peer (load_file, then copy into the model's parameters)."""
+the hardware limits (plain readinto of the rank's bytes into pre-faulted memory; the disk's own rate with
+O_DIRECT) and the safetensors peer (load_file, then copy into the model's parameters)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,60 @@ def limit_read(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
             while n := f.readinto(view[done:]):
                 done += n
     return {"rank": rank, "seconds": time.perf_counter() - start, "bytes_read": done, "peak_rss": peak_rss_bytes()}
+
+
+DISK_THREADS = 4  # reads in flight per rank: the virtual disk here needs >= 2 for its rate (1 gets a third)
+
+
+def disk_limit(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
+    """What the storage itself delivers: the rank's files read with O_DIRECT (no page cache on either side),
+    DISK_THREADS 16 MiB reads in flight, into memory faulted in beforehand (untimed). Cold, no loader that
+    reads these bytes from this disk can beat it."""
+    import mmap
+    import os
+    import threading
+
+    sizes = [Path(f).stat().st_size for f in files]
+    pieces, at = [], 0
+    for file, size in zip(files, sizes, strict=True):
+        pieces += [(file, offset, at + offset, min(16 << 20, size - offset)) for offset in range(0, size, 16 << 20)]
+        at += -(-size // 4096) * 4096
+    memory = mmap.mmap(-1, max(at, 4096))
+    memory[:] = bytes(len(memory))  # fault in, untimed (page-aligned: what O_DIRECT needs)
+    view = memoryview(memory)
+    fds = {file: os.open(file, os.O_RDONLY | os.O_DIRECT) for file in files}
+    todo = iter(pieces)
+    lock = threading.Lock()
+    done, failed = [0], []
+
+    def read() -> None:
+        while not failed:
+            with lock:
+                piece = next(todo, None)
+            if piece is None:
+                return
+            file, offset, to, length = piece
+            try:
+                got = os.preadv(fds[file], [view[to : to + -(-length // 4096) * 4096]], offset)
+            except OSError as exc:
+                failed.append(exc)
+                return
+            with lock:
+                done[0] += min(got, length)
+
+    barrier.wait()
+    start = time.perf_counter()
+    threads = [threading.Thread(target=read) for _ in range(DISK_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    for fd in fds.values():
+        os.close(fd)
+    if failed:
+        raise failed[0]
+    return {"rank": rank, "seconds": seconds, "bytes_read": done[0], "peak_rss": peak_rss_bytes()}
 
 
 def safetensors_copy(rank: int, tp_size: int, files: list[str], barrier: Any, model_dir: str) -> dict:
