@@ -86,6 +86,8 @@ def run_warm_path(out_dir: Path, cache_root: Path, tp_sizes: tuple[int, ...], vl
                 rows.append({"tp": tp, "cache": cache, "name": name, **_medians(runs), "each": runs})
                 say(f"[{cache} TP={tp}] {name}: {rows[-1]['seconds']:.3f}s")
             rows.append({"tp": tp, "cache": cache, "name": VLLM, **_vllm(vllm, vllm_python, smoke)})
+            say(f"[{cache} TP={tp}] {VLLM}: " + (f"{rows[-1]['seconds']:.2f}s" if "seconds" in rows[-1]
+                                                   else rows[-1]["error"]))
     table = markdown(rows, sum(f.stat().st_size for f in weight_files(model_dir)), rounds)
     return write_rows(out_dir, "warm-path", rows, table)
 
