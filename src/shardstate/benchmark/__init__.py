@@ -35,7 +35,6 @@ SMOKE_MODEL = {"vocab_size": 203, "hidden_size": 64, "intermediate_size": 96, "n
 PROMPT = [1, 2, 3, 4]
 VERIFY_ROUNDS = 5
 VLLM_REPEATS = 3
-WARM_READ = 128 << 10  # how `warm_or_cold` reads a file into the page cache (cat's size)
 SHARDSTATE_RUNS = [  # (name, load format, io mode, io threads (None: the default), on the sharded state?)
     ("default", "default", "read", None, False),
     ("sliced", "sliced", "read", None, False),
@@ -129,16 +128,13 @@ def raw_copy_seconds(source_files: list[Path], out_dir: Path) -> tuple[float, fl
 
 def warm_or_cold(files: list[Path], cache: str, every_file: list[Path] | None = None) -> int | None:
     """Before a load: "cold" evicts `every_file` (default `files`) from the page cache, "warm" reads `files`
-    once as `cat` does, in 128 KiB reads: filled by 16 MiB reads instead, the same cache made vLLM's
-    mmap-based `sharded_state` load 14x slower on this VM's kernel (19.6 s against 1.4 s; 0.9 s after a
-    `cat`), a property of how the cache was filled that no user's `cp` or earlier load shares. Returns how
-    many bytes of `files` are then resident (None where that cannot be known)."""
+    once. Returns how many bytes of `files` are then resident (None where that cannot be known)."""
     if cache == "cold":
         evict(every_file or files)
     else:
         for f in files:
             with open(f, "rb", buffering=0) as handle:
-                while handle.read(WARM_READ):
+                while handle.read(16 << 20):
                     pass
     return resident_bytes(files)
 
