@@ -145,6 +145,16 @@ def bounded_memory():
     assert grown < MEMORY_GROWTH_LIMIT, f"peak memory grew by {grown / 1e6:.0f} MB while fuzzing manifests"
 
 
+def test_an_opaque_entry_on_a_later_rank_only_is_refused_by_verify_as_by_load(world, capsys):
+    """Found by test_field_values: a constant recorded as opaque (spec null) on rank 1 alone passed verify
+    (which looked for opaque entries on rank 0 only) while load's checks refused it."""
+    doc = copy.deepcopy(world[1])
+    doc["tensors"]["1"]["model.layers.0.self_attn.attn._q_scale"]["spec"] = None
+    run(world, capsys, json.dumps(doc))
+    assert main(["verify", str(world[0])]) == 1
+    assert "has no recorded layout" in capsys.readouterr().err
+
+
 @FUZZ
 @given(data=st.data())
 def test_field_values(world, capsys, data):

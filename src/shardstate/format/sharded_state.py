@@ -178,7 +178,8 @@ def check_specs(manifest: Manifest, stage_specs: dict[str, ShardSpec] | list[dic
     """Every rank's tensors are exactly the model's parameters (plus constants), each recorded with the
     spec the model would cut it with: a state laid out for another model is refused before loading.
     `stage_specs`: the model's specs, or at PP>1 each stage's (None: not checked)."""
-    opaque = next((name for name, record in manifest.tensors["0"].items() if record["spec"] is None), None)
+    opaque = next((name for tensors in manifest.tensors.values() for name, record in tensors.items()
+                   if record["spec"] is None), None)  # on any rank: a later one alone was let through
     if opaque is not None:
         raise ShardstateError(
             f"tensor '{opaque}' has no recorded layout (an opaque entry, written inside vLLM for a model "
