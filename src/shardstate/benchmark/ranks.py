@@ -38,18 +38,19 @@ def disk_limit(rank: int, tp_size: int, files: list[str], barrier: Any) -> dict:
     """What the storage itself delivers: the rank's files read with O_DIRECT (no page cache on either side),
     DISK_THREADS 16 MiB reads in flight, into memory faulted in beforehand (untimed). Cold, no loader that
     reads these bytes from this disk can beat it."""
-    import mmap
     import os
     import threading
+
+    from shardstate.io.arena import Arena
 
     sizes = [Path(f).stat().st_size for f in files]
     pieces, at = [], 0
     for file, size in zip(files, sizes, strict=True):
         pieces += [(file, offset, at + offset, min(16 << 20, size - offset)) for offset in range(0, size, 16 << 20)]
         at += -(-size // 4096) * 4096
-    memory = mmap.mmap(-1, max(at, 4096))
-    memory[:] = bytes(len(memory))  # fault in, untimed (page-aligned: what O_DIRECT needs)
-    view = memoryview(memory)
+    memory = Arena(at)  # page-aligned, as O_DIRECT needs
+    memory.populate(0, memory.size)  # untimed
+    view = memory.view(0, memory.size)
     fds = {file: os.open(file, os.O_RDONLY | os.O_DIRECT) for file in files}
     todo = iter(pieces)
     lock = threading.Lock()
