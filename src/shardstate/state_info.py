@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from shardstate.format.sharded_state import (
     check_specs,
     open_sharded_state,
 )
+from shardstate.io.crc32 import crc32
 from shardstate.io.digests import Expected, StreamingDigests
 from shardstate.io.files import open_regular
 from shardstate.io.reader import ReadAccount
@@ -127,7 +127,7 @@ def check_file(root: Path, name: str, manifest: Manifest) -> str | None:
     try:
         with os.fdopen(open_regular(path), "rb") as f:
             while block := f.read(CHUNK):
-                crc = zlib.crc32(block, crc)
+                crc = crc32(block, crc)
                 digests.feed(path, offset, memoryview(block))  # each tensor's xxh3-64, as a --verify load does
                 offset += len(block)
     except ShardstateError as exc:

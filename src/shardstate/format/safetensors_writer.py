@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import xxhash
 
 from shardstate.errors import failing_as
 from shardstate.format.safetensors_header import DTYPE_NAMES
+from shardstate.io.crc32 import crc32
 from shardstate.io.reader import byte_view
 
 ALIGNMENT = 8  # safetensors pads the header so the data section starts 8-byte aligned
@@ -96,7 +96,7 @@ class RankWriter:
         assert self._file is not None
         with failing_as("cannot write", self._file.name, WRITE_TODO):
             self._file.write(data)
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
 
     def _next_part(self) -> None:
         self._close_part()

@@ -34,7 +34,6 @@ import json
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from shardstate.errors import ShardstateError, brief, failing_as
 from shardstate.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from shardstate.format.sharded_state import check_inside, open_sharded_state
 from shardstate.format.strict_json import loads_strict
-from shardstate.io.crc32 import crc32_combine
+from shardstate.io.crc32 import crc32, crc32_combine
 from shardstate.io.files import open_regular, read_regular
 from shardstate.io.s3 import DEFAULT_RANGES, S3Location, S3Store, is_s3
 from shardstate.io.storage import pread_exact
@@ -228,7 +227,7 @@ class Outgoing:
             got = pread_exact(fd, memoryview(data), start)
         if got != len(data):
             raise self.changed()
-        self.crcs[part] = zlib.crc32(data)
+        self.crcs[part] = crc32(data)
         return data
 
     def whole_crc(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from shardstate.format.safetensors_header import DTYPE_NAMES
 from shardstate.format.safetensors_writer import WRITE_TODO, OutTensor, RankWriter, split_into_parts
 from shardstate.format.sharded_state import ShardedState, vllm_scale_names
 from shardstate.format.strict_json import loads_strict
-from shardstate.io.crc32 import crc32_combine
+from shardstate.io.crc32 import crc32, crc32_combine
 from shardstate.io.files import open_regular
 from shardstate.quant.vllm import declares_quantization, kv_placeholders
 from shardstate.spec import ShardSpec, spec_to_json
@@ -178,7 +177,7 @@ def stamp_state_id(path: Path, state_id: str, crc: int, size: int) -> int:
         f.write(new)
         f.flush()
         os.fsync(f.fileno())
-    return crc32_combine(zlib.crc32(old) ^ zlib.crc32(new), crc, size - 8 - length)
+    return crc32_combine(crc32(old) ^ crc32(new), crc, size - 8 - length)
 
 
 def is_side_file(path: Path) -> bool:
