@@ -91,6 +91,7 @@ def test_each_rank_fetches_only_its_own_files_once(server, state, tmp_path):
     sizes = rank_sizes(state)
     assert [r["bytes_fetched"] for r in remote["load"]] == [sizes[0], sizes[1]]
     assert all(r["cached_files"] == [] and len(r["fetched_files"]) >= 2 for r in remote["load"])
+    assert all(r["bytes_prefaulted"] >= sizes[r["rank"]] for r in remote["load"])  # read into memory reserved at start
     (cached,) = (tmp_path / "cache").iterdir()
     assert sorted(p.name for p in cached.iterdir()) == sorted([".shardstate-cache", *(p.name for p in state.iterdir())])
     again = generate(server, url, tmp_path / "cache")
@@ -105,6 +106,8 @@ def test_each_rank_fetches_only_its_own_files_once(server, state, tmp_path):
     repaired = generate(server, url, tmp_path / "cache")
     assert repaired["load"][0]["bytes_fetched"] == 0
     assert repaired["load"][1]["fetched_files"] == [damaged.name]
+    assert [o["token_ids"] for o in repaired["outputs"]] == [o["token_ids"] for o in local["outputs"]]
+    assert damaged.read_bytes() == (state / damaged.name).read_bytes()  # and written back whole before exit
     inspected = shardstate(server, "inspect", url, "--json", "--cache-dir", str(tmp_path / "cache"))
     assert inspected.returncode == 0 and json.loads(inspected.stdout)["tp_size"] == 2, inspected.stderr
     verified = shardstate(server, "verify", url, "--json", "--cache-dir", str(tmp_path / "fresh"))

@@ -18,14 +18,13 @@ from shardstate.format.sharded_state import (
 )
 from shardstate.io.crc32 import crc32
 from shardstate.io.digests import Expected, StreamingDigests
+from shardstate.io.engine import CHUNK
 from shardstate.io.files import open_regular
 from shardstate.io.reader import ReadAccount
 from shardstate.io.s3 import RemoteFiles, is_s3
 from shardstate.models import open_model
 from shardstate.store.model_dir import fetch_every_rank, open_model_dir
 from shardstate.store.remote import rank_objects
-
-CHUNK = 16 << 20
 
 
 def checked_state(root: Path) -> ShardedState:

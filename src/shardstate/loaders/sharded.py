@@ -93,10 +93,11 @@ def rebinds_parameters(directory: ModelDir, load_format: str, layout: tuple[int,
 
 def read_arena_bytes(directory: ModelDir, rank: int, io_mode: str) -> int:
     """What world rank `rank`'s sharded read (at the state's layout) reads into one arena: its files' sizes
-    (every span lies within its file) plus each region's alignment, an upper bound; 0 where it reads into
-    no arena of its own (mmap, direct, an S3 state whose files arrive with the load)."""
+    (every span lies within its file; an s3:// state's files are read whole, from the node cache or the
+    store) plus each region's alignment, an upper bound; 0 where it reads into no arena of its own (mmap,
+    direct)."""
     state = directory.state
-    if state is None or io_mode != "read" or directory.remote is not None:
+    if state is None or io_mode != "read" or (directory.remote is not None and state.manifest is None):
         return 0
     if state.manifest is not None:
         return sum(state.manifest.files[name]["size"] + 64 for name in state.manifest.rank_files(rank))
@@ -124,7 +125,8 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
         io = target.io
         fetched: dict[Path, torch.Tensor] = {}  # an s3:// state's files: whole, in memory, crc32 checked
         if directory.remote is not None and state.manifest is not None:
-            fetched = load_rank_files(directory.remote, state.manifest, target.file_rank, account, io.threads)
+            fetched = load_rank_files(directory.remote, state.manifest, target.file_rank, account, io.threads,
+                                      io.memory)
         locations = index_rank(state, target.file_rank, needs, account)
         by_file: dict[Path, list[str]] = {}
         for name, location in locations.items():
@@ -141,7 +143,8 @@ def load_sharded(target: LoadTarget, directory: ModelDir) -> ReadAccount:
             memory = read_spans_to_device(spans, torch.device(io.device), account, digests=streaming,
                                               threads=io.threads)
         else:
-            memory = read_spans(spans, io.mode, account, io.threads, streaming, io.memory)
+            # the reserved memory holds the fetched files already: another read into it would overwrite them
+            memory = read_spans(spans, io.mode, account, io.threads, streaming, None if fetched else io.memory)
         spans += [Span(path, 0, len(data)) for path, data in fetched.items()]
         for span, data in zip(spans, [*memory, *fetched.values()], strict=True):
             for name in by_file.get(span.path, ()):  # a fetched file may hold only constants

@@ -227,39 +227,54 @@ def _pieces(path: Path, size: int, account: ReadAccount, crcs: Crc32Sink,
 
 
 def load_rank_files(
-    origin: RemoteOrigin, manifest: Manifest, rank: int, account: ReadAccount, threads: int
+    origin: RemoteOrigin, manifest: Manifest, rank: int, account: ReadAccount, threads: int,
+    scratch: Scratch | None = None,
 ) -> dict[Path, torch.Tensor]:
-    """Every file of the rank, whole, in load memory, each one's crc32 taken as its bytes arrive and checked
-    against the manifest: those the node cache holds are read from it (`threads` readers; checking and
-    loading are one pass), those it lacks or holds damaged from object storage (`origin.ranges` ranged
-    GETs in flight). The fetched files' temporaries are made in the cache before this returns; a thread
-    writes them from the loaded memory (which it only reads) and renames them into place meanwhile
-    (store/cache_files.py: who waits for it, what a stop does). Returns each file's bytes by its cache
-    path; `account.fetch_report` says what came from where."""
+    """Every file of the rank, whole, in load memory (`scratch`'s arena when given: the rank's memory
+    reserved as its worker started), each one's crc32 taken as its bytes arrive and checked against the
+    manifest, all in one read of the engine: those the node cache holds from it (`threads` readers),
+    those it lacks from object storage (`origin.ranges` ranged GETs in flight). A held file found damaged
+    is fetched again after, into memory of its own (its first copy stays in the arena while the rank
+    lives: rare, and the common case keeps one read). The fetched files' temporaries are made in the cache
+    before this returns; a thread writes them from the loaded memory (which it only reads) and renames
+    them into place meanwhile (store/cache_files.py: who waits for it, what a stop does). Returns each
+    file's bytes by its cache path; `account.fetch_report` says what came from where."""
     start = time.perf_counter()
     report = account.fetch_report
     sizes = {name: manifest.files[name]["size"] for name in manifest.rank_files(rank)}
-    images: dict[Path, torch.Tensor] = {}
-    held = [origin.cache / name for name, size in sizes.items() if _size_of(origin.cache / name) == size]
-    for path in held:  # one allocation each: a damaged file's is freed, not kept beside the parameters
-        crcs = Crc32Sink()
-        (image,) = read_spans([Span(path, 0, sizes[path.name])], "read", account, threads, sink=crcs)
-        if crcs.crc(path.name, sizes[path.name]) == manifest.files[path.name]["crc32"]:
-            images[path] = image
-            report.cached.append(path.name)
-    missing = {name: size for name, size in sizes.items() if origin.cache / name not in images}
-    if missing:
-        account.use_remote(RemoteFiles(origin.cache, origin.url, _versions(origin, missing), origin.ranges))
-        paths, crcs = [origin.cache / name for name in missing], Crc32Sink()
-        fetched = read_spans([Span(path, 0, missing[path.name]) for path in paths], "read", account, sink=crcs)
-        for name, size in missing.items():
-            check_crc(origin, name, crcs.crc(name, size), manifest)
-        write_in_background(open_cache_files(origin.cache, missing), fetched)
-        images.update(zip(paths, fetched, strict=True))
-        report.fetched.extend(missing)
-        report.bytes_fetched += sum(missing.values())
+    held = [name for name, size in sizes.items() if _size_of(origin.cache / name) == size]
+    fetch = [name for name in sizes if name not in held]
+    images, crcs = _read_whole(origin, sizes, fetch, account, threads, scratch)
+    for name in fetch:
+        check_crc(origin, name, crcs[name], manifest)
+    damaged = [name for name in held if crcs[name] != manifest.files[name]["crc32"]]
+    if damaged:
+        again, crcs = _read_whole(origin, {name: sizes[name] for name in damaged}, damaged, account, threads)
+        for name in damaged:
+            check_crc(origin, name, crcs[name], manifest)
+        images.update(again)
+        fetch += damaged
+    if fetch:
+        write_in_background(open_cache_files(origin.cache, {name: sizes[name] for name in fetch}),
+                            [images[origin.cache / name] for name in fetch])
+    report.cached.extend(name for name in held if name not in damaged)
+    report.fetched.extend(fetch)
+    report.bytes_fetched += sum(sizes[name] for name in fetch)
     report.seconds += time.perf_counter() - start
     return images
+
+
+def _read_whole(origin: RemoteOrigin, sizes: dict[str, int], fetch: list[str], account: ReadAccount, threads: int,
+                scratch: Scratch | None = None) -> tuple[dict[Path, torch.Tensor], dict[str, int]]:
+    """The named files (name -> size) whole, in one read: `fetch` from object storage, the rest from the
+    node cache; with each file's crc32."""
+    if fetch:
+        account.use_remote(RemoteFiles(origin.cache, origin.url, _versions(origin, {n: sizes[n] for n in fetch}),
+                                       origin.ranges))
+    paths, sink = [origin.cache / name for name in sizes], Crc32Sink()
+    images = read_spans([Span(path, 0, sizes[path.name]) for path in paths], "read", account, threads, sink=sink,
+                        scratch=scratch)
+    return dict(zip(paths, images, strict=True)), {name: sink.crc(name, size) for name, size in sizes.items()}
 
 
 def _size_of(path: Path) -> int | None:
