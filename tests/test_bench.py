@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +93,22 @@ def test_bench_runai_smoke(tmp_path):
     assert all("not run" in r["error"] for r in rows if r["where"] == "vllm")
     table = (tmp_path / "out" / "peers.md").read_text()
     assert f"| local | 1 | cold | {SHARDSTATE} over {STREAMER} | >= 1.0 |" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
+    """bench/gpu_check.py is the one script a session with a lent GPU runs: on this machine it takes its CPU
+    fallback (the same load paths onto the CPU), so that a device session never finds it broken. It exits 1
+    unless every path's weights equal default's, its tokens are equal and save/convert --quantize agree."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path / "out"),
+                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert results["machine"]["device"] == "cpu"
+    loads = [r for r in results["runs"] if "tokens_equal" in r]
+    assert {r["cache"] for r in loads} == {"warm", "cold"} and all(r["tokens_equal"] for r in loads)
+    assert all(r["weights_identical"] for r in loads if r["cache"] == "warm")
+    assert set(results["quantized_save_matches_convert"]) == {"int8", "fp8"}
+    assert all(results["quantized_save_matches_convert"].values())
+    assert results["yardsticks"]["threaded_read_gb_per_s"] > 0 and results["goal_sharded_read_vs_bound"] > 0
