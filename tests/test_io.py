@@ -202,3 +202,30 @@ def test_every_io_mode_loads_the_same_model(checkpoints, tmp_path, monkeypatch):
                 assert_states_equal(state, expected)
             assert all((r.bytes_prefaulted > 0) == (prefault == "1") for r in llm.load_reports)
             assert report.peak_rss > 0
+
+
+def _resident_bytes(address: int, size: int) -> int:
+    """Bytes of [address, address + size) resident in this process (from /proc/self/pagemap's present bits)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = address // page, (address + size - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = pagemap.read((last - first + 1) * 8)
+    return sum(page for i in range(0, len(entries), 8) if entries[i + 7] & 0x80)
+
+
+def test_populate_memory_faults_in_a_foreign_allocation_without_changing_it():
+    """The vLLM plugin faults each block of vLLM's parameters in with one madvise before reading into it:
+    the whole pages of the range become resident, the partial pages at the ends are left, the bytes stay."""
+    size = 32 << 20
+    fresh = torch.empty(size + 3 * 4096, dtype=torch.uint8)
+    address = fresh.data_ptr() + 100  # not page aligned, as a parameter inside an allocation may be
+    whole_pages = (address + size) // 4096 * 4096 - -(-address // 4096) * 4096
+    assert _resident_bytes(address, size) < whole_pages  # fresh: the kernel has not faulted it in yet
+    arena_module.populate_memory(address, size)
+    assert _resident_bytes(address, size) >= whole_pages
+    written = torch.arange(size, dtype=torch.int64).to(torch.uint8)
+    fresh[100 : 100 + size] = written
+    arena_module.populate_memory(address, size)  # on present pages: nothing written
+    arena_module.populate_memory(address + 1, 10)  # no whole page: nothing at all
+    assert torch.equal(fresh[100 : 100 + size], written)

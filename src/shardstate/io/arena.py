@@ -11,10 +11,12 @@ memory that is already there. Torch is imported here only when a tensor is made,
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -38,6 +40,27 @@ def align_down(n: int, a: int) -> int:
 
 def align_up(n: int, a: int) -> int:
     return -(-n // a) * a
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+def populate_memory(address: int, size: int) -> None:
+    """Fault in the whole pages of [address, address + size) in someone else's allocation (vLLM's
+    parameters) right before they are read into: one MADV_POPULATE_WRITE costs less than a fault per
+    4 KiB page in the middle of the copy (a warm 2.4 GB TP=1 read into fresh parameters: 0.50 against
+    0.61 s here). The partial pages at either end, and kernels without it (< 5.14), fault as before."""
+    madvise = _madvise()
+    start, end = align_up(address, PAGE), align_down(address + size, PAGE)
+    if madvise is not None and end > start:
+        madvise(start, end - start, MADV_POPULATE_WRITE)  # a refusal (EINVAL) only leaves the faults to the copy
 
 
 class Arena:

@@ -18,6 +18,7 @@ import xxhash
 from shardstate.errors import ShardstateError
 from shardstate.format.checkpoint import TensorLocation
 from shardstate.format.sharded_state import ShardedState, index_rank
+from shardstate.io.arena import populate_memory
 from shardstate.io.digests import digest_mismatch
 from shardstate.io.engine import Span, read_spans
 from shardstate.io.reader import Arrivals, ReadAccount, byte_view
@@ -80,10 +81,11 @@ def read_into_parameters(account: ReadAccount, path: Path, names: list[str], loc
 
     def read(name: str) -> int:
         entry = locations[name].entry
-        dest = byte_view(params[name].data)
+        dest, address = byte_view(params[name].data), params[name].data_ptr()
         hasher = xxhash.xxh3_64()
         for lo in range(0, len(dest), BLOCK):
             block = dest[lo : lo + BLOCK]
+            populate_memory(address + lo, len(block))
             if reader.read_into(entry.begin + lo, block) < len(block):
                 raise ShardstateError(f"file ends before byte {entry.begin + lo + len(block)}", path,
                                       "the file is truncated: re-create it")
