@@ -373,5 +373,6 @@ def test_crc32_of_ranges_combines_to_the_files():
             running = crc32(memoryview(part)[1:], crc32(part[:1], running))
         assert crc == running == zlib.crc32(b"".join(parts))
     # parts past 4 GiB (5 GiB is the default part size): the length is carried whole, not modulo 2**32
-    shifted = crc32_combine(0x12345678, 0, 2**32 + 5)
-    assert shifted == crc32_combine(crc32_combine(0x12345678, 0, 2**31), 0, 2**31 + 5) != crc32_combine(0x12345678, 0, 5)
+    crc = 0x12345678
+    shifted = crc32_combine(crc, 0, 2**32 + 5)
+    assert shifted == crc32_combine(crc32_combine(crc, 0, 2**31), 0, 2**31 + 5) != crc32_combine(crc, 0, 5)
